@@ -1,0 +1,1 @@
+"""Face datasets: Parquet shard format, procedural synthetic faces, Ray Data training pipeline."""

@@ -1,0 +1,114 @@
+"""One place that turns a dataset URI (local path or s3://bucket/key) into a pyarrow filesystem + path."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def _s3_endpoint() -> tuple[str | None, str]:
+    """(endpoint host[:port] or None, scheme) from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None, "https"
+    if "://" not in endpoint:
+        return endpoint.rstrip("/"), "https"
+    parsed = urlparse(endpoint)
+    return parsed.netloc, parsed.scheme or "https"
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """S3FileSystem configured from the standard AWS environment variables (credentials are never logged)."""
+    endpoint, scheme = _s3_endpoint()
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict = {"region": region, "scheme": scheme}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if access_key and secret_key:
+        kwargs["access_key"] = access_key
+        kwargs["secret_key"] = secret_key
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # Otherwise pyarrow falls back to the default AWS credential chain (profiles, instance roles).
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it). s3://bucket/key -> (S3FileSystem, "bucket/key")."""
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME):].strip("/")
+        if not path:
+            raise ValueError(f"S3 URI {uri!r} names no bucket")
+        return s3_filesystem(), path
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported URI scheme in {uri!r} (use a local path or s3://bucket/prefix)")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI, keeping the s3:// scheme intact."""
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *[p.strip("/") for p in parts])
+    return os.path.join(uri, *parts)
+
+
+def parent_and_name(uri: str) -> tuple[str, str]:
+    """("s3://b/a", "x") for "s3://b/a/x"; local paths likewise."""
+    if is_s3(uri):
+        head, name = posixpath.split(uri.rstrip("/"))
+        return head, name
+    path = os.path.abspath(os.path.expanduser(uri))
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Local: write a temp file then os.replace; S3: a single PUT (atomic per object)."""
+    if is_s3(uri):
+        fs, path = resolve(uri)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    _, path = resolve(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def delete_dir(uri: str) -> None:
+    """Remove a directory/prefix and everything under it; missing is fine."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    fs.delete_dir(path)

@@ -1,0 +1,226 @@
+"""The EQFace flow: step 1 -> (step 2 -> step 3) x loops -> step 2, each a Ray Train job, tracked in MLflow.
+
+    ray job submit --working-dir . -- python flows/eqface.py [--config FILE ...] [key.sub=value ...]
+
+Re-submitting a flow with the same `flow.name` resumes it: finished steps are skipped, an interrupted
+step continues from its last checkpoint, and no MLflow run is created twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python flows/eqface.py`): the repository root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flows.config import Config, ConfigError, load_config  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    index: int
+    kind: int
+    loop: int
+
+
+def training_plan(loops: int) -> list[PlannedStep]:
+    """The paper's training figure: 1, then (2, 3) per loop, and a final 2 so the quality head matches."""
+    kinds = [(1, 0)]
+    for loop in range(loops):
+        kinds += [(2, loop), (3, loop)]
+    kinds.append((2, loops))
+    return [PlannedStep(i, kind, loop) for i, (kind, loop) in enumerate(kinds)]
+
+
+@dataclass
+class Datasets:
+    train: str
+    val: str | None
+    num_classes: int
+    num_train: int
+
+
+def prepare_datasets(cfg: Config) -> Datasets:
+    from data.shards import validate_dataset
+    from data.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+    if cfg.data.train == "synthetic":
+        s = cfg.data.synthetic
+        spec = SyntheticSpec(num_identities=s.num_identities, train_per_identity=s.train_per_identity,
+                             val_per_identity=s.val_per_identity, image_size=cfg.data.image_size, seed=s.seed)
+        uris = ensure_synthetic_dataset(os.path.expanduser(cfg.data.cache_root), spec)
+        train_uri, val_uri = uris["train"], uris["val"]
+    else:
+        train_uri, val_uri = cfg.data.train, cfg.data.val
+    manifest = validate_dataset(train_uri, check_checksums=False)
+    if val_uri:
+        validate_dataset(val_uri, check_checksums=False)
+    return Datasets(train_uri, val_uri, manifest.num_classes, manifest.num_samples)
+
+
+def run_step(cfg: Config, step: PlannedStep, data: Datasets, run_id: str, tracking_uri: str,
+             init_ckpt, teacher_ckpt, ray_run_name: str):
+    """One Ray Train job; returns its final ray.train.Checkpoint."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data import storage
+    from data.pipeline import training_dataset
+    from flows.train_step import StepSpec, train_loop_per_worker
+
+    spec = StepSpec(step.kind, step.index, step.loop, data.num_classes, run_id, tracking_uri,
+                    init_checkpoint=init_ckpt, teacher_checkpoint=teacher_ckpt)
+    dataset = training_dataset(data.train, image_size=cfg.data.image_size, augment=cfg.data.augment,
+                               seed=cfg.flow.seed + step.index, skip_corrupt=cfg.data.skip_corrupt)
+    fs, storage_path = storage.resolve(cfg.flow.storage)
+    if not storage.is_s3(cfg.flow.storage):
+        os.makedirs(storage_path, exist_ok=True)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "step": spec, "samples": data.num_train},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=ray_run_name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.flow.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.flow.checkpoints_to_keep),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"step {step.index}: Ray Train returned no checkpoint")
+    return result.checkpoint
+
+
+def validate_step(cfg: Config, step: PlannedStep, data: Datasets, ckpt, teacher_ckpt):
+    """Held-out metrics as a Ray task: it lands where there is CPU, not on the driver's node by force."""
+    import ray
+
+    from flows.validation import validate_checkpoints
+
+    if not data.val:
+        return {}, {}
+    quality_ckpt = {1: None, 2: ckpt, 3: teacher_ckpt}[step.kind]
+    task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker)(validate_checkpoints)
+    return ray.get(task.remote(ckpt, quality_ckpt, data.val, cfg.data.image_size, cfg.flow.seed))
+
+
+def check_ray_address(timeout: float = 5.0) -> None:
+    """Ray retries an absent cluster for minutes; say in one line that it is not there instead."""
+    import socket
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith("http"):
+        os.environ.pop("RAY_ADDRESS")  # the Jobs API address is for `ray job submit`, not for a driver
+        return
+    if address in ("", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"Ray cluster at RAY_ADDRESS={address} is unreachable ({exc})") from None
+
+
+def run_flow(cfg: Config) -> dict[str, str]:
+    import ray
+
+    from flows import checkpoints
+    from flows.tracking import FlowTracker
+
+    tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
+    # Everything that can be checked is checked before anything is written.
+    tracker = FlowTracker(cfg, tracking_uri)
+    check_ray_address()
+    data = prepare_datasets(cfg)
+    ray.init()  # inside `ray job submit`: the job's cluster; otherwise $RAY_ADDRESS or a new local one
+    parent_id, resumed = tracker.start_flow()
+    print(f"[eqface] flow '{cfg.flow.name}' parent run {parent_id}{' (resumed)' if resumed else ''}", flush=True)
+
+    final_uri = tracker.final_model_uri()
+    latest, latest_quality = None, None  # checkpoints of the latest step, and of the latest step 2
+    final_metrics: dict[str, float] = {}
+    for step in training_plan(cfg.flow.loops):
+        run = tracker.step_run(step.index, step.kind, step.loop)
+        teacher = latest_quality if step.kind == 3 else None
+        if run.complete:
+            print(f"[eqface] step {step.index} (kind {step.kind}) already complete: {run.checkpoint_uri}", flush=True)
+            ckpt = checkpoints.from_uri(run.checkpoint_uri)
+        else:
+            print(f"[eqface] step {step.index} (kind {step.kind}, loop {step.loop}) -> run {run.run_id}", flush=True)
+            try:
+                init = latest if step.kind == 2 or (step.kind == 3 and cfg.step3.init == "continue") else None
+                ckpt = run_step(cfg, step, data, run.run_id, tracking_uri, init, teacher,
+                                ray_run_name=f"{cfg.flow.name}-{parent_id[:8]}-{step.index:02d}-step{step.kind}")
+                metrics, artifacts = validate_step(cfg, step, data, ckpt, teacher)
+                tracker.complete_step(run.run_id, checkpoints.checkpoint_uri(ckpt), metrics, artifacts)
+                final_metrics = metrics
+                print(f"[eqface] step {step.index} done: " +
+                      ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
+            except BaseException as exc:
+                tracker.fail(run.run_id, f"step {step.index} (kind {step.kind}): {exc}")
+                raise
+        latest = ckpt
+        if step.kind == 2:
+            latest_quality = ckpt
+
+    if final_uri is None:
+        net = checkpoints.load_net(latest_quality)
+        final_uri = tracker.log_final_model(net, {f"final_{k}": v for k, v in final_metrics.items()})
+    else:
+        tracker.client.set_terminated(parent_id, "FINISHED")
+    return {"parent_run_id": parent_id, "final_model_uri": final_uri, "tracking_uri": tracking_uri,
+            "experiment_id": tracker.experiment_id}
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config; repeat to overlay (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied last")
+    args = parser.parse_args(argv)
+    files = args.config or [DEFAULT_CONFIG]
+    return load_config(files, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        summary = run_flow(cfg)
+    except (ConfigError, ConnectionError, FileNotFoundError) as exc:
+        print(f"eqface: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one clear line at the end, the traceback above it
+        from data.shards import DatasetError
+
+        if isinstance(exc, DatasetError):
+            print(f"eqface: error: {exc}", file=sys.stderr)
+            return 2
+        import traceback
+
+        traceback.print_exc()
+        print(f"eqface: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    ui = summary["tracking_uri"]
+    print("\n[eqface] flow finished")
+    print(f"[eqface]   MLflow UI:        {ui}/#/experiments/{summary['experiment_id']}/runs/{summary['parent_run_id']}")
+    print(f"[eqface]   parent run id:    {summary['parent_run_id']}")
+    print(f"[eqface]   final model URI:  {summary['final_model_uri']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,30 @@
+"""Where to look after a flow: the MLflow UI address, the flow's parent run id and the final model's URI.
+
+    python -m flows.summary [--config FILE ...] [key.sub=value ...]    # same arguments as flows/eqface.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from flows.eqface import parse_args
+from flows.tracking import TAG_FINAL_MODEL, FlowTracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
+    tracker = FlowTracker(cfg, uri)
+    run = tracker.find_flow()
+    if run is None:
+        print(f"no flow named '{cfg.flow.name}' in experiment '{cfg.tracking.experiment}' at {uri}", file=sys.stderr)
+        return 1
+    print(f"MLflow UI:       {uri}/#/experiments/{tracker.experiment_id}/runs/{run.info.run_id}")
+    print(f"parent run id:   {run.info.run_id}  ({run.info.status})")
+    print(f"final model URI: {run.data.tags.get(TAG_FINAL_MODEL, '(not logged yet)')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""One EQFace training step, as run by every Ray Train worker (DDP).
+
+    step 1  backbone + margin head learn, s_i = 1                    (paper eq. 3)
+    step 2  backbone frozen; only the quality branch learns          (eq. 6, s_i from the branch)
+    step 3  a frozen step-2 network is the quality teacher; a backbone + margin head learn with
+            its s_i as per-sample weights                            (eq. 6, s_i from the teacher)
+
+The driver (flows/eqface.py) builds a TorchTrainer around `train_loop_per_worker`; the step's
+`StepSpec` travels in `train_loop_config` next to the flow's config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flows.config import Config, config_from_dict
+
+QUALITY_STEPS = (2, 3)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: training stops on the last good checkpoint, never on bad weights."""
+
+
+@dataclass
+class StepSpec:
+    """What the driver tells one step: its place in the flow and where its inputs come from."""
+
+    kind: int  # 1, 2 or 3
+    index: int  # position in the flow's plan
+    loop: int
+    num_classes: int
+    mlflow_run_id: str
+    tracking_uri: str
+    init_checkpoint: Any = None  # ray.train.Checkpoint: backbone + head to start from
+    teacher_checkpoint: Any = None  # ray.train.Checkpoint of the latest step 2 (step 3 only)
+
+    @property
+    def name(self) -> str:
+        return f"step {self.index} (kind {self.kind}, loop {self.loop})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of a step
+
+
+def build_net_and_head(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    from models import MarginHead, build_eqface_net
+
+    net = build_eqface_net(
+        backbone=cfg.model.backbone, input_size=cfg.data.image_size, embedding_size=cfg.model.embedding_size,
+        width_mult=cfg.model.width_mult, dropout=cfg.model.dropout, quality_hidden=cfg.model.quality_hidden,
+        quality_pooled=cfg.model.quality_pooled,
+    )
+    head = MarginHead(
+        num_classes, cfg.model.embedding_size, scale=cfg.loss.scale, m1=cfg.loss.m1, m2=cfg.loss.m2,
+        m3=cfg.loss.m3, form=cfg.loss.form, focal_gamma=cfg.loss.focal_gamma,
+    )
+    return net, head
+
+
+class StepModel(nn.Module):
+    """Backbone, quality branch and margin head arranged for one kind of step.
+
+    Only the parts the step trains have requires_grad; frozen parts stay in eval mode whatever
+    `.train()` is called with, so their BatchNorm statistics never move.
+    """
+
+    def __init__(self, kind: int, net: nn.Module, head: nn.Module, teacher: nn.Module | None = None,
+                 train_centres: bool = False) -> None:
+        super().__init__()
+        if kind == 3 and teacher is None:
+            raise ValueError("step 3 needs a quality teacher (a step-2 checkpoint)")
+        self.kind, self.net, self.head, self.teacher = kind, net, head, teacher
+        trains = {
+            1: {"backbone": True, "quality": False, "head": True},
+            2: {"backbone": False, "quality": True, "head": train_centres},
+            3: {"backbone": True, "quality": False, "head": True},
+        }[kind]
+        net.backbone.requires_grad_(trains["backbone"])
+        net.quality.requires_grad_(trains["quality"])
+        head.requires_grad_(trains["head"])
+        if teacher is not None:
+            teacher.requires_grad_(False)
+        self._trains = trains
+        self.train()
+
+    def train(self, mode: bool = True) -> StepModel:
+        super().train(mode)
+        self.net.backbone.train(mode and self._trains["backbone"])
+        self.net.quality.train(mode and self._trains["quality"])
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        """-> (loss, cos θ (B, C), s_i (B,) or None)."""
+        if self.kind == 1:
+            embedding, _ = self.net.backbone(images)
+            quality = None
+        elif self.kind == 2:
+            with torch.no_grad():
+                embedding, feature_map = self.net.backbone(images)
+            quality = self.net.quality(feature_map.float())
+        else:
+            with torch.no_grad():
+                _, teacher_map = self.teacher.backbone(images)
+                quality = self.teacher.quality(teacher_map.float())
+            embedding, _ = self.net.backbone(images)
+        out = self.head(embedding, labels, quality)
+        return out.loss, out.cos, quality
+
+
+def build_step_model(cfg: Config, spec: StepSpec) -> tuple[StepModel, dict[str, Any] | None]:
+    """The step's model initialised from its inputs; returns it and the init state it loaded (if any)."""
+    from flows import checkpoints
+
+    torch.manual_seed(cfg.flow.seed + 1000 * spec.index)
+    net, head = build_net_and_head(cfg, spec.num_classes)
+    teacher = None
+    init_state = None
+    fresh_start = spec.kind == 1 or (spec.kind == 3 and cfg.step3.init == "scratch")
+    if not fresh_start:
+        if spec.init_checkpoint is None:
+            raise ValueError(f"{spec.name}: needs the previous step's checkpoint to start from")
+        init_state = checkpoints.load_state(spec.init_checkpoint)
+        net.backbone.load_state_dict(init_state["backbone"])
+        head.load_state_dict(init_state["head"])
+    if spec.kind == 3:
+        if spec.teacher_checkpoint is None:
+            raise ValueError(f"{spec.name}: step 3 needs a step-2 checkpoint as its quality teacher")
+        teacher = checkpoints.load_net(spec.teacher_checkpoint)
+        # Carried along so the step-3 checkpoint is a complete network; the next step 2 retrains it.
+        net.quality.load_state_dict(teacher.quality.state_dict())
+    return StepModel(spec.kind, net, head, teacher, train_centres=cfg.step2.train_centres), init_state
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule and metrics
+
+
+def learning_rate(base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to zero: smooth, and no milestones to retune per dataset size."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def quality_summary(values: np.ndarray) -> dict[str, float]:
+    if values.size == 0:
+        return {}
+    p05, p50, p95 = np.percentile(values, [5, 50, 95])
+    return {
+        "quality_mean": float(values.mean()), "quality_std": float(values.std()),
+        "quality_p05": float(p05), "quality_p50": float(p50), "quality_p95": float(p95),
+    }
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _all_max(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def _all_gather_array(values: np.ndarray) -> np.ndarray:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, values)
+    return np.concatenate(gathered)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop every worker runs
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from flows import checkpoints, tracking
+
+    cfg = config_from_dict(loop_config["config"])
+    spec: StepSpec = loop_config["step"]
+    step_cfg = cfg.step(spec.kind)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.scaling.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    model, _ = build_step_model(cfg, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=step_cfg.lr, momentum=step_cfg.momentum,
+                                weight_decay=step_cfg.weight_decay)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    resume = ray.train.get_checkpoint()  # set when Ray Train restarts this step (worker or driver died)
+    if resume is not None:
+        state = checkpoints.load_state(resume)
+        model.net.backbone.load_state_dict(state["backbone"])
+        model.net.quality.load_state_dict(state["quality"])
+        model.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+    model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+    inner: StepModel = model.module if hasattr(model, "module") else model
+
+    # No run id: an untracked step (benchmarks); metrics still go to Ray Train's result.
+    logger = tracking.EpochLogger(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id else None
+    if logger is not None:
+        logger.backfill(history)  # epochs checkpointed before a crash but never logged
+
+    shard = ray.train.get_dataset_shard("train")
+    per_epoch = max(1, loop_config["samples"] // (step_cfg.batch_size * world))
+    total_steps = per_epoch * step_cfg.epochs
+    warmup = int(step_cfg.warmup_epochs * per_epoch)
+    global_step = start_epoch * per_epoch
+    autocast = _autocast(cfg, device)
+    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.scaling.amp == "fp16")
+
+    for epoch in range(start_epoch, step_cfg.epochs):
+        model.train()
+        loss_sum, correct, seen, batches = 0.0, 0, 0, 0
+        qualities: list[np.ndarray] = []
+        started = time.perf_counter()
+        batch_iter = shard.iter_torch_batches(
+            batch_size=step_cfg.batch_size, drop_last=True, device=device,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.flow.seed + 7919 * spec.index + epoch,
+        )
+        for batch in batch_iter:
+            lr = learning_rate(step_cfg.lr, global_step, total_steps, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, labels = batch["image"], batch["label"].long()
+            with autocast:
+                loss, cos, quality = model(images, labels)
+            # Every rank agrees before stepping, so no rank runs on with weights another has refused.
+            if _all_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
+                raise NonFiniteLossError(
+                    f"{spec.name}: loss is {loss.item()} at epoch {epoch + 1}, batch {batches + 1}; "
+                    f"stopped on the last good checkpoint (epoch {epoch})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            global_step += 1
+            batches += 1
+            loss_sum += loss.item() * labels.numel()
+            correct += int((cos.argmax(dim=1) == labels).sum())
+            seen += labels.numel()
+            if quality is not None:
+                qualities.append(quality.detach().float().cpu().numpy())
+        elapsed = _all_max(time.perf_counter() - started)
+        loss_total, correct_total, seen_total = _all_sum([loss_sum, correct, seen])
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": loss_total / max(1, seen_total),
+            "top1": correct_total / max(1, seen_total),
+            "lr": lr if batches else step_cfg.lr,
+            "images_per_s": seen_total / max(elapsed, 1e-9),
+        }
+        if spec.kind in QUALITY_STEPS:
+            local = np.concatenate(qualities) if qualities else np.zeros(0, np.float32)
+            metrics.update(quality_summary(_all_gather_array(local)))
+        history.append(metrics)
+        _report(cfg, spec, inner, optimizer, history, rank)
+        if logger is not None:
+            logger.log_epoch(metrics)
+    if logger is not None:
+        logger.flush()
+
+
+def _report(cfg: Config, spec: StepSpec, model: StepModel, optimizer, history: list[dict], rank: int) -> None:
+    """End of epoch: rank 0 writes the checkpoint; every rank reports (Ray Train needs equal report counts)."""
+    import ray.train
+
+    from flows import checkpoints
+
+    epoch = history[-1]["epoch"]
+    if rank != 0:
+        ray.train.report(history[-1], checkpoint=None)
+        return
+    with checkpoints.temp_dir() as d:
+        from pathlib import Path
+
+        state = {
+            "backbone": model.net.backbone.state_dict(), "quality": model.net.quality.state_dict(),
+            "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "history": history,
+        }
+        meta = {
+            "kind": spec.kind, "index": spec.index, "loop": spec.loop, "epoch": epoch,
+            "epochs": cfg.step(spec.kind).epochs, "num_classes": spec.num_classes,
+        }
+        checkpoints.write_checkpoint_dir(Path(d), state, model.net, meta)
+        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.scaling.amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if cfg.scaling.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,104 @@
+"""Validation after each step, on the held-out split: verification, quality metrics, plots.
+
+Metric names are the same in every step and every flow so the MLflow UI compares runs:
+`val_acc`, `val_acc_std`, `val_tar_far1e-3`, `val_auc`, and where a quality branch exists
+`quality_spearman` (against ground-truth degradation, when the set has it: negative is good),
+`erc_auc_fmr1e-3` / `erc_auc_fmr1e-2` (area under FNMR-vs-discard, fixed threshold, full range: lower
+is better) with the same areas for the random and sharpness baselines, and the val quality spread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from evaluation import error_versus_discard, flip_sum_embeddings, make_pairs, pair_quality, verify
+from evaluation.baselines import laplacian_variance, random_quality
+from evaluation.plots import plot_erc, plot_quality_grid, plot_quality_histogram
+from evaluation.quality_assessment import quality_correlation
+
+MAX_PAIRS_PER_KIND = 3000
+
+
+@torch.no_grad()
+def embed(net: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(flip-sum normalised embeddings, quality) for float images (N, 3, H, W) in [-1, 1]."""
+    net.eval()
+    qualities = []
+    for start in range(0, len(images), batch_size):
+        _, q = net(torch.from_numpy(images[start:start + batch_size]))
+        qualities.append(q.float().numpy())
+    emb = flip_sum_embeddings(lambda x: net(torch.as_tensor(x))[0].float().numpy(), images, batch_size=batch_size)
+    return np.asarray(emb), np.concatenate(qualities)
+
+
+def validation_metrics(
+    embed_net: torch.nn.Module, quality_net: torch.nn.Module | None, val: dict[str, np.ndarray], seed: int = 0,
+) -> tuple[dict[str, float], dict[str, bytes]]:
+    """Metrics and PNG artifacts for one step. `quality_net` is None where the step has no quality branch."""
+    emb, _ = embed(embed_net, val["image"])
+    labels = val["label"]
+    genuine_avail, impostor_avail = _pair_counts(labels)
+    n = min(MAX_PAIRS_PER_KIND, genuine_avail, impostor_avail)
+    pairs, is_same = make_pairs(labels, n, n, seed=seed)
+    ver = verify(emb[pairs[:, 0]], emb[pairs[:, 1]], is_same)
+    metrics = {
+        "val_acc": ver["acc_mean"], "val_acc_std": ver["acc_std"], "val_auc": ver["auc"],
+        "val_tar_far1e-3": _finite_or_nan(ver["tar_at_far"].get(1e-3)),
+        "val_tar_far1e-2": _finite_or_nan(ver["tar_at_far"].get(1e-2)),
+    }
+    artifacts: dict[str, bytes] = {}
+    if quality_net is None:
+        return metrics, artifacts
+
+    _, quality = embed(quality_net, val["image"])
+    metrics.update({
+        "val_quality_mean": float(quality.mean()), "val_quality_std": float(quality.std()),
+    })
+    if "degradation" in val:
+        metrics["quality_spearman"] = quality_correlation(quality, val["degradation"])["spearman"]
+    scores = np.sum(emb[pairs[:, 0]] * emb[pairs[:, 1]], axis=1)
+    per_image = {
+        "eqface": quality,
+        "random": random_quality(len(quality), seed=seed),
+        "sharpness": laplacian_variance(val["image"]),
+    }
+    curves = {}
+    for name, q in per_image.items():
+        curves[name] = error_versus_discard(scores, is_same, pair_quality(q, pairs), fmrs=(1e-3, 1e-2))
+        suffix = "" if name == "eqface" else f"_{name}"
+        for fmr in (1e-3, 1e-2):
+            metrics[f"erc_auc_fmr{fmr:.0e}{suffix}".replace("e-0", "e-")] = curves[name].areas["fixed"][fmr]["full"]
+    artifacts["erc.png"] = plot_erc(curves, variant="fixed", title="FNMR vs discarded fraction (fixed threshold)")
+    artifacts["quality_histogram.png"] = plot_quality_histogram(quality, title="validation quality")
+    artifacts["quality_extremes.png"] = plot_quality_grid(val["image"], quality, n=8,
+                                                          title="lowest (top) and highest (bottom) quality")
+    return metrics, artifacts
+
+
+def _pair_counts(labels: np.ndarray) -> tuple[int, int]:
+    _, counts = np.unique(labels, return_counts=True)
+    genuine = int((counts * (counts - 1) // 2).sum())
+    total = len(labels) * (len(labels) - 1) // 2
+    return genuine, total - genuine
+
+
+def _finite_or_nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def validate_checkpoints(embed_ckpt, quality_ckpt, val_uri: str, image_size: int, seed: int,
+                         limit: int | None = None) -> tuple[dict[str, float], dict[str, bytes]]:
+    """Load the step's networks and the held-out set, then `validation_metrics` (runs as a Ray task)."""
+    from data.pipeline import load_arrays
+    from flows import checkpoints
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    val = load_arrays(val_uri, image_size=image_size, limit=limit)
+    embed_net = checkpoints.load_net(embed_ckpt)
+    quality_net = None
+    if quality_ckpt is not None:
+        quality_net = embed_net if quality_ckpt is embed_ckpt else checkpoints.load_net(quality_ckpt)
+    return validation_metrics(embed_net, quality_net, val, seed=seed)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real local services (Ray head, MLflow server, S3-compatible server) for a test session.
+
+They run from a temporary state dir, on free ports on 127.0.0.1, and are stopped by pid at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+FACES = ROOT.parent / "shared" / "data" / "faces"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """MLflow + Ray head (2 CPUs, token auth on). Tests that need S3 call `stack.start_s3()`."""
+    state = tmp_path_factory.mktemp("stack")
+    services = Stack.load(state)
+    try:
+        services.start_mlflow()
+        services.start_ray(num_cpus=2)
+        yield services
+    finally:
+        services.stop_all()
+
+
+def submit_flow(stack: Stack, args: list[str], timeout: float = 900,
+                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python flows/eqface.py ARGS`, as a user runs it."""
+    env = {**os.environ, **stack.env()}
+    job_env = {k: v for k, v in stack.env().items() if not k.startswith("RAY_")}
+    job_env.update(extra_env or {})
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit",
+        "--address", env["RAY_ADDRESS"], "--working-dir", str(ROOT),
+        "--runtime-env-json", json.dumps({"env_vars": job_env}),
+        "--", "python", "flows/eqface.py", *args,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

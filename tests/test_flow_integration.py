@@ -1,0 +1,127 @@
+"""The flow end to end: `ray job submit` against a real Ray head and a real MLflow server.
+
+Tiny config (configs/tiny.yaml), 2 DDP workers. Asserts the MLflow run tree, its metrics and
+artifacts, checkpoints that load, the frozen backbone of step 2, the final MLflow model, and that
+a re-submit skips every finished step without creating runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows import checkpoints
+from flows.tracking import TAG_CHECKPOINT, TAG_COMPLETE, TAG_FINAL_MODEL, TAG_FLOW, TAG_KIND, TAG_LOOP
+from tests.conftest import submit_flow
+
+pytestmark = pytest.mark.integration
+
+EPOCH_METRICS = ("loss", "top1", "lr", "images_per_s")
+QUALITY_METRICS = ("quality_mean", "quality_std", "quality_p05", "quality_p50", "quality_p95")
+
+
+@pytest.fixture(scope="module")
+def flow(stack, tmp_path_factory):
+    work = tmp_path_factory.mktemp("flow")
+    name = f"it-{uuid.uuid4().hex[:6]}"
+    args = ["--config", "configs/default.yaml", "--config", "configs/tiny.yaml", f"flow.name={name}",
+            f"flow.storage={work / 'runs'}", f"data.cache_root={work / 'data'}", "scaling.num_workers=2"]
+    first = submit_flow(stack, args)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("eqface")
+    parents = client.search_runs([experiment.experiment_id],
+                                 f"tags.`{TAG_FLOW}` = '{name}' and tags.`eqface.role` = 'flow'")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                  order_by=["tags.`eqface.step_index` ASC"])
+    return {"client": client, "parent": parent, "children": children, "args": args, "stdout": first.stdout,
+            "experiment": experiment}
+
+
+def test_run_tree_follows_the_training_plan(flow):
+    parent, children = flow["parent"], flow["children"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["loss.m2"] == "0.5" and parent.data.params["flow.loops"] == "1"
+    assert [(c.data.tags[TAG_KIND], c.data.tags[TAG_LOOP]) for c in children] == [
+        ("1", "0"), ("2", "0"), ("3", "0"), ("2", "1")]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags[TAG_COMPLETE] == "true"
+        assert child.data.params == parent.data.params  # the same config object everywhere
+    assert f"parent run id:    {parent.info.run_id}" in flow["stdout"]
+
+
+def test_every_step_logs_the_same_epoch_metrics(flow):
+    client = flow["client"]
+    epochs = {"1": 2, "2": 1, "3": 1}  # configs/tiny.yaml
+    for child in flow["children"]:
+        kind = child.data.tags[TAG_KIND]
+        for key in EPOCH_METRICS:
+            history = client.get_metric_history(child.info.run_id, key)
+            assert [m.step for m in history] == list(range(1, epochs[kind] + 1)), (kind, key)
+        assert all(m.value > 0 for m in client.get_metric_history(child.info.run_id, "images_per_s"))
+        for key in QUALITY_METRICS:
+            present = bool(client.get_metric_history(child.info.run_id, key))
+            assert present == (kind in ("2", "3")), (kind, key)
+        quality = child.data.metrics.get("quality_mean")
+        if quality is not None:
+            assert 0.0 <= quality <= 1.0
+            assert 0.0 <= child.data.metrics["quality_p05"] <= child.data.metrics["quality_p95"] <= 1.0
+        assert 0.0 <= child.data.metrics["val_acc"] <= 1.0
+
+
+def test_quality_steps_log_plots(flow):
+    client = flow["client"]
+    for child in flow["children"]:
+        names = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+        if child.data.tags[TAG_KIND] in ("2", "3"):
+            assert {"plots/quality_histogram.png", "plots/erc.png", "plots/quality_extremes.png"} <= names
+        else:
+            assert not names
+
+
+def test_checkpoints_load_and_step2_keeps_the_backbone_bit_identical(flow):
+    states = []
+    for child in flow["children"]:
+        ckpt = checkpoints.from_uri(child.data.tags[TAG_CHECKPOINT])
+        meta = checkpoints.read_meta(ckpt)
+        assert meta["kind"] == int(child.data.tags[TAG_KIND]) and meta["epoch"] == meta["epochs"]
+        states.append(checkpoints.load_state(ckpt))
+        net = checkpoints.load_net(ckpt)
+        emb, quality = net(torch.zeros(2, 3, 32, 32))
+        assert emb.shape == (2, 32) and quality.shape == (2,)
+    step1, step2, step3, final2 = states
+    for a, b in ((step1, step2), (step3, final2)):
+        assert a["backbone"].keys() == b["backbone"].keys()
+        assert all(torch.equal(a["backbone"][k], b["backbone"][k]) for k in a["backbone"])
+        assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])  # centres fixed by default
+    assert not all(torch.equal(step2["quality"][k], step1["quality"][k]) for k in step1["quality"])
+
+
+def test_final_model_loads_from_mlflow_and_gives_embedding_and_quality(flow):
+    import mlflow.pytorch
+
+    uri = flow["client"].get_run(flow["parent"].info.run_id).data.tags[TAG_FINAL_MODEL]
+    assert uri.startswith("models:/")
+    mlflow.set_tracking_uri(flow["client"].tracking_uri)
+    model = mlflow.pytorch.load_model(uri)
+    emb, quality = model(torch.rand(3, 3, 32, 32) * 2 - 1)
+    assert emb.shape == (3, 32)
+    assert quality.shape == (3,) and bool(((quality >= 0) & (quality <= 1)).all())
+    assert f"final model URI:  {uri}" in flow["stdout"]
+
+
+def test_resubmit_skips_finished_steps_and_creates_no_runs(flow, stack):
+    client, experiment = flow["client"], flow["experiment"]
+    before = {r.info.run_id for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    again = submit_flow(stack, flow["args"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already complete") == 4
+    after = {r.info.run_id for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    assert after == before
