@@ -44,10 +44,11 @@ def training_throughput(
     name: str, size: int, width: float, *, batch: int, channels_last: bool, compile_net: bool, seconds: float
 ) -> tuple[float, float]:
     torch.manual_seed(0)
-    net = build_eqface_net(backbone=name, input_size=size, width_mult=width, quality_pooled=True)
+    net = build_eqface_net(
+        backbone=name, input_size=size, width_mult=width, quality_pooled=True, channels_last=channels_last
+    )
     head = MarginHead(1000, 512)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
     runner = torch.compile(net) if compile_net else net
     optimizer = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
     images = (torch.rand(batch, 3, size, size) * 2 - 1).contiguous(memory_format=memory_format)

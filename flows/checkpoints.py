@@ -1,6 +1,7 @@
 """The checkpoint of a training step: one directory, written by rank 0, reported through ray.train.report.
 
-    state.pt   backbone / quality / head / optimizer state, epochs done, per-epoch metric history
+    state.pt   backbone / quality / optimizer state, epochs done, per-epoch metric history
+    centres_<start>_<end>.pt   class centres, one file per shard (models.partial_fc), any world size
     net.pt     backbone + quality branch as an EQFaceNet (models.save_eqface_net): what evaluation loads
     meta.json  step kind, flow position, epochs done: readable without torch
 
@@ -51,6 +52,21 @@ def from_uri(uri: str):
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"checkpoint {uri} is missing or incomplete (no {META_FILE})")
     return Checkpoint(path=path, filesystem=fs)
+
+
+def save_centres(head: torch.nn.Module, directory: Path) -> None:
+    """Class centres as centres_<start>_<end>.pt: the same files for a full or a sharded head."""
+    from models.partial_fc import save_sharded_centres
+
+    save_sharded_centres(head, directory)
+
+
+def load_centres(checkpoint, head: torch.nn.Module) -> None:
+    """Fill a full or sharded head with its rows, whatever number of workers wrote the checkpoint."""
+    from models.partial_fc import load_sharded_centres
+
+    with checkpoint.as_directory() as d:
+        load_sharded_centres(head, d)
 
 
 def read_meta(checkpoint) -> dict:

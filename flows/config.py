@@ -59,6 +59,11 @@ class ModelConfig:
     dropout: float = 0.0
     quality_hidden: int = 256
     quality_pooled: bool = False
+    # Margin head: "full" (every worker holds all class centres) or "sharded" (partial FC: each DDP worker
+    # holds ~num_classes/world centres; for millions of identities). head_sample_rate < 1 samples negative
+    # centres per step (sharded only), always keeping the batch's positive classes.
+    head: str = "full"
+    head_sample_rate: float = 1.0
 
 
 @dataclass
@@ -67,7 +72,9 @@ class LossConfig:
 
     scale: float = 32.0
     m1: float = 1.0
-    m2: float = 0.5
+    # ArcFace-style 0.3 rather than 0.5: with a small backbone trained for minutes, a 0.5 rad margin leaves
+    # the true-class logit of most samples below zero, and step 2 then drives every s_i to 0.
+    m2: float = 0.3
     m3: float = 0.0
     # "outside": m1*cos(theta + m2) (the paper's text); "angular": cos(m1*theta + m2) (SphereFace).
     form: str = "outside"
@@ -78,8 +85,8 @@ class LossConfig:
 class StepConfig:
     """Optimisation settings of one kind of training step."""
 
-    epochs: int = 4
-    batch_size: int = 64  # per worker
+    epochs: int = 8
+    batch_size: int = 32  # per worker
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -89,6 +96,7 @@ class StepConfig:
 @dataclass
 class Step2Config(StepConfig):
     epochs: int = 2
+    batch_size: int = 64
     lr: float = 0.05
     weight_decay: float = 0.0
     warmup_epochs: float = 0.0
@@ -99,6 +107,7 @@ class Step2Config(StepConfig):
 
 @dataclass
 class Step3Config(StepConfig):
+    epochs: int = 3
     # "scratch": a new backbone and margin head; "continue": start from the teacher's backbone and head.
     init: str = "continue"
 
@@ -291,6 +300,11 @@ def validate(cfg: Config) -> None:
     check(cfg.model.width_mult > 0, "model.width_mult", f"must be > 0, got {cfg.model.width_mult}")
     check(cfg.model.embedding_size > 0, "model.embedding_size", "must be > 0")
     check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
+    check(cfg.model.head in ("full", "sharded"), "model.head", f"must be 'full' or 'sharded', got {cfg.model.head!r}")
+    check(0 < cfg.model.head_sample_rate <= 1, "model.head_sample_rate",
+          f"must be in (0, 1], got {cfg.model.head_sample_rate}")
+    check(cfg.model.head_sample_rate == 1 or cfg.model.head == "sharded", "model.head_sample_rate",
+          "negative-centre sampling needs model.head: sharded")
     loss = cfg.loss
     check(loss.scale > 0, "loss.scale", f"must be > 0, got {loss.scale}")
     check(loss.m1 > 0, "loss.m1", f"must be > 0, got {loss.m1}")

@@ -54,17 +54,22 @@ class StepSpec:
 
 
 def build_net_and_head(cfg: Config, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """The EQFaceNet and the margin head; a sharded head takes this process's rank in the DDP group."""
     from models import MarginHead, build_eqface_net
+    from models.partial_fc import ShardedMarginHead
 
     net = build_eqface_net(
         backbone=cfg.model.backbone, input_size=cfg.data.image_size, embedding_size=cfg.model.embedding_size,
         width_mult=cfg.model.width_mult, dropout=cfg.model.dropout, quality_hidden=cfg.model.quality_hidden,
         quality_pooled=cfg.model.quality_pooled,
     )
-    head = MarginHead(
-        num_classes, cfg.model.embedding_size, scale=cfg.loss.scale, m1=cfg.loss.m1, m2=cfg.loss.m2,
-        m3=cfg.loss.m3, form=cfg.loss.form, focal_gamma=cfg.loss.focal_gamma,
-    )
+    margins = dict(scale=cfg.loss.scale, m1=cfg.loss.m1, m2=cfg.loss.m2, m3=cfg.loss.m3, form=cfg.loss.form,
+                   focal_gamma=cfg.loss.focal_gamma)
+    if cfg.model.head == "sharded":
+        head = ShardedMarginHead(num_classes, cfg.model.embedding_size, sample_rate=cfg.model.head_sample_rate,
+                                 **margins)
+    else:
+        head = MarginHead(num_classes, cfg.model.embedding_size, **margins)
     return net, head
 
 
@@ -134,7 +139,7 @@ def build_step_model(cfg: Config, spec: StepSpec) -> tuple[StepModel, dict[str, 
             raise ValueError(f"{spec.name}: needs the previous step's checkpoint to start from")
         init_state = checkpoints.load_state(spec.init_checkpoint)
         net.backbone.load_state_dict(init_state["backbone"])
-        head.load_state_dict(init_state["head"])
+        checkpoints.load_centres(spec.init_checkpoint, head)
     if spec.kind == 3:
         if spec.teacher_checkpoint is None:
             raise ValueError(f"{spec.name}: step 3 needs a step-2 checkpoint as its quality teacher")
@@ -164,6 +169,27 @@ def quality_summary(values: np.ndarray) -> dict[str, float]:
         "quality_mean": float(values.mean()), "quality_std": float(values.std()),
         "quality_p05": float(p05), "quality_p50": float(p50), "quality_p95": float(p95),
     }
+
+
+def correct_predictions(head: nn.Module, cos: torch.Tensor, labels: torch.Tensor, rank: int) -> int:
+    """Top-1 hits among this rank's samples. A sharded head's `cos` covers the gathered batch but only this
+    rank's (sampled) centres, so the best class is found across ranks first."""
+    from models.partial_fc import ShardedMarginHead
+
+    if not isinstance(head, ShardedMarginHead):
+        return int((cos.argmax(dim=1) == labels).sum())
+    values, columns = cos.max(dim=1)
+    ids = head.last_class_ids[columns]
+    if head.world_size > 1:
+        all_values = [torch.empty_like(values) for _ in range(head.world_size)]
+        all_ids = [torch.empty_like(ids) for _ in range(head.world_size)]
+        dist.all_gather(all_values, values)
+        dist.all_gather(all_ids, ids)
+        best = torch.stack(all_values).argmax(dim=0, keepdim=True)
+        ids = torch.stack(all_ids).gather(0, best)[0]
+        n = labels.numel()  # equal per rank: batches are dropped to full size
+        ids = ids[rank * n:(rank + 1) * n]
+    return int((ids == labels).sum())
 
 
 def _all_sum(values: list[float]) -> list[float]:
@@ -218,9 +244,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = checkpoints.load_state(resume)
         model.net.backbone.load_state_dict(state["backbone"])
         model.net.quality.load_state_dict(state["quality"])
-        model.head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.load_centres(resume, model.head)
+        if state.get("world_size", world) == world and state.get("head_type") == cfg.model.head:
+            optimizer.load_state_dict(state["optimizer"])
+        # else: the centres were resharded; momentum restarts (it is not resharded)
         start_epoch, history = state["epoch"], state["history"]
+    if cfg.model.head == "sharded":
+        # Each rank owns different centres: DDP must neither broadcast nor average them.
+        head_params = [f"head.{name}" for name, _ in model.head.named_parameters()]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, head_params)
     model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
     inner: StepModel = model.module if hasattr(model, "module") else model
 
@@ -228,6 +260,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = tracking.EpochLogger(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id else None
     if logger is not None:
         logger.backfill(history)  # epochs checkpointed before a crash but never logged
+
+    # Optional held-out check every epoch (Ray Tune's ASHA needs an intermediate objective): every rank
+    # computes it on the same small set, so all report the same metrics.
+    per_epoch_val = None
+    if loop_config.get("val_each_epoch"):
+        from data.pipeline import load_arrays
+
+        val = loop_config["val_each_epoch"]
+        per_epoch_val = load_arrays(val["uri"], image_size=cfg.data.image_size, limit=val.get("limit"))
 
     shard = ray.train.get_dataset_shard("train")
     per_epoch = max(1, loop_config["samples"] // (step_cfg.batch_size * world))
@@ -268,7 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             global_step += 1
             batches += 1
             loss_sum += loss.item() * labels.numel()
-            correct += int((cos.argmax(dim=1) == labels).sum())
+            correct += correct_predictions(inner.head, cos, labels, rank)
             seen += labels.numel()
             if quality is not None:
                 qualities.append(quality.detach().float().cpu().numpy())
@@ -284,6 +325,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if spec.kind in QUALITY_STEPS:
             local = np.concatenate(qualities) if qualities else np.zeros(0, np.float32)
             metrics.update(quality_summary(_all_gather_array(local)))
+        if per_epoch_val is not None:
+            metrics.update(_epoch_validation(inner, per_epoch_val))
         history.append(metrics)
         _report(cfg, spec, inner, optimizer, history, rank)
         if logger is not None:
@@ -292,29 +335,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.flush()
 
 
+def _epoch_validation(model: StepModel, val: dict[str, np.ndarray]) -> dict[str, float]:
+    from flows.validation import validation_metrics
+
+    was_training = model.training
+    quality_net = model.net if model.kind == 2 else (model.teacher if model.kind == 3 else None)
+    metrics, _ = validation_metrics(model.net, quality_net, val, artifacts=False)
+    model.train(was_training)
+    return metrics
+
+
 def _report(cfg: Config, spec: StepSpec, model: StepModel, optimizer, history: list[dict], rank: int) -> None:
     """End of epoch: rank 0 writes the checkpoint; every rank reports (Ray Train needs equal report counts)."""
+    from pathlib import Path
+
     import ray.train
 
     from flows import checkpoints
 
     epoch = history[-1]["epoch"]
-    if rank != 0:
+    sharded = cfg.model.head == "sharded"
+    if rank != 0 and not sharded:
         ray.train.report(history[-1], checkpoint=None)
         return
+    # Ray Train merges the directories that ranks report into one checkpoint: with a sharded head every
+    # rank adds its own centres_<start>_<end>.pt next to rank 0's files.
     with checkpoints.temp_dir() as d:
-        from pathlib import Path
-
-        state = {
-            "backbone": model.net.backbone.state_dict(), "quality": model.net.quality.state_dict(),
-            "head": model.head.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "history": history,
-        }
-        meta = {
-            "kind": spec.kind, "index": spec.index, "loop": spec.loop, "epoch": epoch,
-            "epochs": cfg.step(spec.kind).epochs, "num_classes": spec.num_classes,
-        }
-        checkpoints.write_checkpoint_dir(Path(d), state, model.net, meta)
+        checkpoints.save_centres(model.head, Path(d))
+        if rank == 0:
+            state = {
+                "backbone": model.net.backbone.state_dict(), "quality": model.net.quality.state_dict(),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1, "head_type": cfg.model.head,
+            }
+            meta = {
+                "kind": spec.kind, "index": spec.index, "loop": spec.loop, "epoch": epoch,
+                "epochs": cfg.step(spec.kind).epochs, "num_classes": spec.num_classes, "head": cfg.model.head,
+            }
+            checkpoints.write_checkpoint_dir(Path(d), state, model.net, meta)
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
 
 

@@ -36,6 +36,7 @@ def embed(net: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> tu
 
 def validation_metrics(
     embed_net: torch.nn.Module, quality_net: torch.nn.Module | None, val: dict[str, np.ndarray], seed: int = 0,
+    artifacts: bool = True,
 ) -> tuple[dict[str, float], dict[str, bytes]]:
     """Metrics and PNG artifacts for one step. `quality_net` is None where the step has no quality branch."""
     emb, _ = embed(embed_net, val["image"])
@@ -49,9 +50,9 @@ def validation_metrics(
         "val_tar_far1e-3": _finite_or_nan(ver["tar_at_far"].get(1e-3)),
         "val_tar_far1e-2": _finite_or_nan(ver["tar_at_far"].get(1e-2)),
     }
-    artifacts: dict[str, bytes] = {}
+    plots: dict[str, bytes] = {}
     if quality_net is None:
-        return metrics, artifacts
+        return metrics, plots
 
     _, quality = embed(quality_net, val["image"])
     metrics.update({
@@ -71,11 +72,12 @@ def validation_metrics(
         suffix = "" if name == "eqface" else f"_{name}"
         for fmr in (1e-3, 1e-2):
             metrics[f"erc_auc_fmr{fmr:.0e}{suffix}".replace("e-0", "e-")] = curves[name].areas["fixed"][fmr]["full"]
-    artifacts["erc.png"] = plot_erc(curves, variant="fixed", title="FNMR vs discarded fraction (fixed threshold)")
-    artifacts["quality_histogram.png"] = plot_quality_histogram(quality, title="validation quality")
-    artifacts["quality_extremes.png"] = plot_quality_grid(val["image"], quality, n=8,
+    if artifacts:
+        plots["erc.png"] = plot_erc(curves, variant="fixed", title="FNMR vs discarded fraction (fixed threshold)")
+        plots["quality_histogram.png"] = plot_quality_histogram(quality, title="validation quality")
+        plots["quality_extremes.png"] = plot_quality_grid(val["image"], quality, n=8,
                                                           title="lowest (top) and highest (bottom) quality")
-    return metrics, artifacts
+    return metrics, plots
 
 
 def _pair_counts(labels: np.ndarray) -> tuple[int, int]:

@@ -101,6 +101,9 @@ class Stack:
         os.replace(tmp, self.state_dir / "stack.json")
 
     # -- environment for clients -----------------------------------------------------------------
+    def _s3_env(self) -> dict[str, str]:
+        return {k: v for k, v in self.env().items() if k.startswith(("AWS_", "MLFLOW_S3_"))}
+
     def env(self) -> dict[str, str]:
         env: dict[str, str] = {}
         if "ray" in self.services:
@@ -171,6 +174,9 @@ class Stack:
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
         env = {
+            # With the S3 server up, Ray's processes (job drivers, workers) inherit its endpoint and keys from
+            # the head's environment: no credential travels in a runtime env, where Ray would log it.
+            **self._s3_env(),
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_path),
             # The head's environment is the jobs' environment: the project venv first on PATH.
@@ -182,7 +188,9 @@ class Stack:
         self._wait(svc, lambda: _http_ok(f"http://{HOST}:{dashboard}/api/version", token_path), 120)
         return svc
 
-    def start_mlflow(self) -> Service:
+    def start_mlflow(self, artifacts_destination: str | None = None, backend_store_uri: str | None = None) -> Service:
+        """MLflow server with proxied artifacts: on local disk by default, or e.g. s3://eqface/mlflow (start the
+        S3 server first); SQLite backend store by default, or a postgresql:// URI."""
         if "mlflow" in self.services:
             return self.services["mlflow"]
         root = self.state_dir / "mlflow"
@@ -190,12 +198,12 @@ class Stack:
         port = free_port()
         cmd = [
             _bin("mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
+            "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", artifacts_destination or str(root / "artifacts"),
             "--host", HOST, "--port", str(port), "--workers", "1",
         ]
         # Without this the server forks a job-execution pool: 9 processes and ~2.4 GB instead of 2 and ~0.5 GB.
-        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self._s3_env()}
         svc = self._spawn("mlflow", cmd, port, env, {"root": str(root)})
         self._wait(svc, lambda: _http_ok(f"http://{HOST}:{port}/health"), 120)
         return svc

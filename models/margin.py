@@ -30,7 +30,7 @@ NORM_EPS = 1e-6  # zero-vector features normalise to 0 (cos = 0) with a finite g
 
 
 class MarginOutput(NamedTuple):
-    loss: torch.Tensor  # scalar, float32
+    loss: torch.Tensor  # scalar, float32 (float64 for float64 inputs)
     cos: torch.Tensor  # (B, C) cos(theta_j) before any margin, detached
 
 
@@ -47,7 +47,9 @@ def check_margins(m1: float, m2: float, m3: float, form: str = "outside", scale:
         raise ValueError(f"scale must be > 0, got scale={scale}")
 
 
-def margin_target(cos_y: torch.Tensor, m1: float, m2: float, m3: float, form: str = "outside") -> torch.Tensor:
+def margin_target(
+    cos_y: torch.Tensor, m1: float, m2: float, m3: float, form: str = "outside"
+) -> torch.Tensor:
     """target(theta_y) for the true-class cosines `cos_y` (any shape), with the monotonic fallback."""
     cos_y = cos_y.clamp(-1 + COS_CLAMP_EPS, 1 - COS_CLAMP_EPS)
     theta = torch.acos(cos_y)
@@ -96,7 +98,9 @@ def combined_margin_logits(
     so half/bfloat16 inputs do not lose the clamp. Other entries are cos unchanged (unclamped).
     """
     if cos.dim() != 2 or labels.shape != cos.shape[:1]:
-        raise ValueError(f"expected cos (B, C) and labels (B,), got {tuple(cos.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected cos (B, C) and labels (B,), got {tuple(cos.shape)} and {tuple(labels.shape)}"
+        )
     if labels.numel():
         low, high = int(labels.min()), int(labels.max())
         if low < -1 or high >= cos.shape[1]:
@@ -148,7 +152,9 @@ class MarginHead(nn.Module):
         super().__init__()
         check_margins(m1, m2, m3, form, scale)
         if num_classes < 1 or embedding_size < 1:
-            raise ValueError(f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}")
+            raise ValueError(
+                f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
+            )
         if focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got focal_gamma={focal_gamma}")
         self.num_classes, self.embedding_size = num_classes, embedding_size

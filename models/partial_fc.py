@@ -158,7 +158,9 @@ class ShardedMarginHead(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate}")
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank(group) if initialized else 0)
-        self.world_size = world_size if world_size is not None else (dist.get_world_size(group) if initialized else 1)
+        self.world_size = (
+            world_size if world_size is not None else (dist.get_world_size(group) if initialized else 1)
+        )
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got rank={self.rank}")
         if num_classes < self.world_size:
@@ -200,14 +202,17 @@ class ShardedMarginHead(nn.Module):
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None
     ) -> MarginOutput:
-        if embeddings.shape[0] != labels.shape[0] or (quality is not None and quality.numel() != labels.shape[0]):
+        if embeddings.shape[0] != labels.shape[0] or (
+            quality is not None and quality.numel() != labels.shape[0]
+        ):
             raise ValueError(
                 f"embeddings {tuple(embeddings.shape)}, labels {tuple(labels.shape)} and quality "
                 f"{None if quality is None else tuple(quality.shape)} must share the batch size"
             )
         if self.world_size > 1 and not _distributed(self.group):
             raise RuntimeError(
-                f"ShardedMarginHead built for world_size={self.world_size}, but torch.distributed is not initialised"
+                f"ShardedMarginHead built for world_size={self.world_size}, "
+                "but torch.distributed is not initialised"
             )
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):

@@ -27,7 +27,8 @@ class QualityHead(nn.Module):
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and tuple(feature_map.shape[1:]) != self.feature_shape:
             raise ValueError(
-                f"QualityHead expects feature maps of shape (B, *{self.feature_shape}), got {tuple(feature_map.shape)}"
+                f"QualityHead expects feature maps of shape (B, *{self.feature_shape}), "
+                f"got {tuple(feature_map.shape)}"
             )
         x = feature_map.mean(dim=(2, 3)) if self.pooled else torch.flatten(feature_map, 1)
         return torch.sigmoid(self.fc2(self.relu(self.bn(self.fc1(x))))).squeeze(1)

@@ -36,8 +36,9 @@ def submit_flow(stack: Stack, args: list[str], timeout: float = 900,
                 extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`ray job submit --working-dir <repo> -- python flows/eqface.py ARGS`, as a user runs it."""
     env = {**os.environ, **stack.env()}
-    job_env = {k: v for k, v in stack.env().items() if not k.startswith("RAY_")}
-    job_env.update(extra_env or {})
+    # Only the tracking URI travels in the runtime env: S3 keys reach jobs through the Ray head's own
+    # environment (infra.stack), never through job metadata that Ray logs.
+    job_env = {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"], **(extra_env or {})}
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", env["RAY_ADDRESS"], "--working-dir", str(ROOT),

@@ -14,6 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows import checkpoints
+from flows.config import Config
 from flows.tracking import TAG_CHECKPOINT, TAG_COMPLETE, TAG_FINAL_MODEL, TAG_FLOW, TAG_KIND, TAG_LOOP
 from tests.conftest import submit_flow
 
@@ -47,7 +48,7 @@ def flow(stack, tmp_path_factory):
 def test_run_tree_follows_the_training_plan(flow):
     parent, children = flow["parent"], flow["children"]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["loss.m2"] == "0.5" and parent.data.params["flow.loops"] == "1"
+    assert parent.data.params["loss.m2"] == str(Config().loss.m2) and parent.data.params["flow.loops"] == "1"
     assert [(c.data.tags[TAG_KIND], c.data.tags[TAG_LOOP]) for c in children] == [
         ("1", "0"), ("2", "0"), ("3", "0"), ("2", "1")]
     for child in children:
@@ -87,12 +88,18 @@ def test_quality_steps_log_plots(flow):
 
 
 def test_checkpoints_load_and_step2_keeps_the_backbone_bit_identical(flow):
+    from models.partial_fc import assemble_centres
+
     states = []
     for child in flow["children"]:
         ckpt = checkpoints.from_uri(child.data.tags[TAG_CHECKPOINT])
         meta = checkpoints.read_meta(ckpt)
         assert meta["kind"] == int(child.data.tags[TAG_KIND]) and meta["epoch"] == meta["epochs"]
-        states.append(checkpoints.load_state(ckpt))
+        state = checkpoints.load_state(ckpt)
+        with ckpt.as_directory() as d:
+            state["centres"] = assemble_centres(d)
+        assert state["centres"].shape == (12, 32)  # tiny: 12 identities, 32-d
+        states.append(state)
         net = checkpoints.load_net(ckpt)
         emb, quality = net(torch.zeros(2, 3, 32, 32))
         assert emb.shape == (2, 32) and quality.shape == (2,)
@@ -100,7 +107,7 @@ def test_checkpoints_load_and_step2_keeps_the_backbone_bit_identical(flow):
     for a, b in ((step1, step2), (step3, final2)):
         assert a["backbone"].keys() == b["backbone"].keys()
         assert all(torch.equal(a["backbone"][k], b["backbone"][k]) for k in a["backbone"])
-        assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])  # centres fixed by default
+        assert torch.equal(a["centres"], b["centres"])  # class centres stay fixed in step 2 by default
     assert not all(torch.equal(step2["quality"][k], step1["quality"][k]) for k in step1["quality"])
 
 

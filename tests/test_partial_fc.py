@@ -75,6 +75,14 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "centre_grad": head.weight.grad,
                 "class_range": (head.class_start, head.class_end),
             }
+        # Under DDP, the backbone (here one Linear) gets the single-process gradient of the global loss.
+        torch.manual_seed(0)
+        backbone = torch.nn.Linear(EMBEDDING, EMBEDDING).double()
+        ddp = torch.nn.parallel.DistributedDataParallel(backbone)
+        head = ShardedMarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+        head.weight.data.copy_(centres[head.class_start : head.class_end])
+        head(ddp(embeddings[lo:hi]), labels[lo:hi], quality[lo:hi]).loss.backward()
+        results["ddp_backbone_grad"] = backbone.weight.grad
         # Reshard 2 -> 1: each rank writes its shard; the parent reloads them into a MarginHead.
         save_sharded_centres(head, os.path.join(out_dir, "two_shards"))
         # Reshard 1 -> 2: the parent wrote a single shard; each rank takes its rows.
@@ -124,6 +132,18 @@ def test_sharded_loss_and_gradients_equal_single_process(two_rank_results):
         assert torch.allclose(ddp["embedding_grad"], 2 * embedding_grad[lo:hi], atol=1e-5)
         assert torch.allclose(ddp["quality_grad"], 2 * quality_grad[lo:hi], atol=1e-5)
         assert torch.allclose(ddp["centre_grad"], centre_grad[start:end], atol=1e-5)
+
+
+def test_ddp_backbone_gets_the_single_process_gradient(two_rank_results):
+    _, ranks = two_rank_results
+    embeddings, labels, quality, centres = global_inputs()
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(EMBEDDING, EMBEDDING).double()
+    head = MarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+    head.weight.data.copy_(centres)
+    head(backbone(embeddings), labels, quality).loss.backward()
+    for rank in ranks:
+        assert torch.allclose(rank["ddp_backbone_grad"], backbone.weight.grad, atol=1e-5)
 
 
 def test_resharding_two_to_one_and_one_to_two_reproduces_the_loss(two_rank_results):

@@ -1,4 +1,4 @@
-"""Parquet shard format: round trip, atomic writes, every DatasetError case, and S3 through a real moto_server."""
+"""Parquet shard format: round trip, atomic writes, every DatasetError case, S3 through a real moto_server."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def dataset(tmp_path) -> str:
 
 
 def rewrite_shard(uri: str, index: int, table: pa.Table, **manifest_changes) -> str:
-    """Replace shard `index` and refresh its checksum/size in the manifest, so only the intended fault remains."""
+    """Replace shard `index` and refresh its checksum/size in the manifest: only the intended fault stays."""
     manifest_path = Path(uri) / "manifest.json"
     doc = json.loads(manifest_path.read_text())
     shard = doc["shards"][index]
@@ -68,7 +68,8 @@ def rewrite_shard(uri: str, index: int, table: pa.Table, **manifest_changes) -> 
 def test_round_trip_keeps_bytes_columns_and_order(tmp_path):
     rows = make_rows()
     uri = str(tmp_path / "ds")
-    manifest = write_dataset(uri, iter(rows), label_to_identity=IDS, target_shard_bytes=3000, source_desc="unit")
+    manifest = write_dataset(uri, iter(rows), label_to_identity=IDS, target_shard_bytes=3000,
+                             source_desc="unit")
     assert manifest.num_samples == 60 and manifest.num_classes == 3
     assert len(manifest.shards) > 1, "small target_shard_bytes must produce several shards"
     assert manifest.image_size == [8, 8]
@@ -126,7 +127,8 @@ def test_failed_write_leaves_no_manifest_and_no_directory(tmp_path):
 def test_failed_overwrite_keeps_the_existing_dataset(dataset):
     before = read_manifest(dataset)
     with pytest.raises(RuntimeError, match="mid-way"):
-        write_dataset(dataset, failing_rows(40), label_to_identity=IDS, overwrite=True, target_shard_bytes=3000)
+        write_dataset(dataset, failing_rows(40), label_to_identity=IDS, overwrite=True,
+                      target_shard_bytes=3000)
     assert read_manifest(dataset) == before
     validate_dataset(dataset)
     assert os.listdir(Path(dataset).parent) == ["ds"]
@@ -175,7 +177,8 @@ def test_corrupt_image_found_only_when_decoding(tmp_path):
     uri = str(tmp_path / "ds")
     write_dataset(uri, make_rows(30, corrupt_at=17), label_to_identity=IDS, image_size=8)
     validate_dataset(uri)  # bytes are not decoded by default
-    with pytest.raises(DatasetError, match=r"part-00000.parquet: row 17 \(identity 'carol'\): image does not decode"):
+    expected = r"part-00000.parquet: row 17 \(identity 'carol'\): image does not decode"
+    with pytest.raises(DatasetError, match=expected):
         validate_dataset(uri, decode_images=True)
 
 
@@ -313,7 +316,8 @@ def test_s3_round_trip_overwrite_and_failure(moto_s3):
     fs, path = storage.resolve(moto_s3)
     from pyarrow.fs import FileSelector
 
-    names = sorted(os.path.relpath(i.path, path) for i in fs.get_file_info(FileSelector(path, recursive=True)))
+    listing = fs.get_file_info(FileSelector(path, recursive=True))
+    names = sorted(os.path.relpath(i.path, path) for i in listing)
     assert names == ["ds", "ds/manifest.json", "ds/part-00000.parquet"], "stale shards or staging left on S3"
 
     fresh = storage.join(moto_s3, "fresh")

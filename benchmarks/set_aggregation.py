@@ -1,0 +1,455 @@
+"""Set and video aggregation: mean / best / QWFA / QWFAF on set pairs; online aggregation vs a fixed window.
+
+    python -m benchmarks.set_aggregation                              # trains a tiny model first (~2 min)
+    python -m benchmarks.set_aggregation --model <MLflow URI | checkpoint dir/URI | net.pt>
+    python -m benchmarks.set_aggregation --identities 40 --tracks-per-identity 3 --track-length 16
+
+(a) Synthetic tracks: one identity per track (data/synthetic.py faces), pose and lighting drifting
+    smoothly from one random pose to another, and a degradation of one kind whose severity rises and
+    falls along the track. Set pairs: two tracks of the same identity are genuine, of two identities
+    impostor. Online vs window: each identity's first track enrols a gallery template (QWFA), the other
+    tracks are probe streams identified against it (closed set).
+(b) Yale B: each person's photos, shuffled, cut into sets of --yaleb-set-size; lighting varies within a
+    set, so some frames are mostly shadow. Same protocol. Skipped when ../shared/data/faces is absent.
+
+s_th (QWFAF and the online aggregator) defaults to the median frame quality of the benchmark set, so
+QWFAF keeps about half of each set; the online aggregator decides once the quality of the frames it kept
+adds up to decide_at (default 3 x s_th: about three good frames).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.synthetic import (
+    DEGRADATION_TYPES,
+    SampleParams,
+    SyntheticSpec,
+    degrade,
+    encode,
+    identity_params,
+    render_face,
+    sample_variation,
+)
+from evaluation import compare_online_vs_window, evaluate_set_pairs, make_pairs
+from evaluation.aggregation import METHODS
+from evaluation.verification import count_available_pairs
+
+FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces"
+TRACK_SEED_OFFSET = 90_000  # track identities are drawn from their own seed: never the training identities
+
+Sets = list[tuple[np.ndarray, np.ndarray]]  # per set: (embeddings (n, E), qualities (n,))
+
+
+# ----------------------------------------------------------------------------- (a) synthetic tracks
+
+
+@dataclass
+class Track:
+    identity: int
+    kind: str  # degradation type along the whole track
+    degradation: np.ndarray  # (T,) ground truth per frame, 0 = clean
+    images: np.ndarray  # float32 (T, 3, S, S) in [-1, 1]
+
+
+def degradation_profile(length: int, rng: np.random.Generator) -> np.ndarray:
+    """Severity per frame: a smooth random wave between a low (near clean) and a high level."""
+    low, high = rng.uniform(0.0, 0.15), rng.uniform(0.6, 1.0)
+    cycles, phase = rng.uniform(0.5, 1.5), rng.uniform(0, 2 * math.pi)
+    t = np.arange(length) / max(1, length - 1)
+    return low + (high - low) * 0.5 * (1 + np.cos(phase + 2 * math.pi * cycles * t))
+
+
+_DRIFTING = (
+    "rotation_deg",
+    "scale",
+    "yaw",
+    "light_angle",
+    "light_strength",
+    "brightness",
+    "smile",
+    "eye_open",
+    "brow_raise",
+    "shift",
+    "colour_gain",
+)
+
+
+def drift(start: SampleParams, end: SampleParams, t: float) -> SampleParams:
+    """Pose, lighting and expression a fraction t of the way from start to end; surroundings stay."""
+    changes: dict[str, Any] = {}
+    for name in _DRIFTING:
+        a, b = getattr(start, name), getattr(end, name)
+        changes[name] = (
+            tuple((1 - t) * x + t * y for x, y in zip(a, b, strict=True))
+            if isinstance(a, tuple)
+            else (1 - t) * a + t * b
+        )
+    return dataclasses.replace(start, **changes)
+
+
+def render_track(
+    spec: SyntheticSpec, identity: int, length: int, kind: str, rng: np.random.Generator
+) -> Track:
+    from data.pipeline import normalise
+
+    ident = identity_params(spec, identity)
+    start, end = sample_variation(rng, spec), sample_variation(rng, spec)
+    degradation = degradation_profile(length, rng)
+    frames = []
+    for k, d in enumerate(degradation):
+        img = render_face(ident, drift(start, end, k / max(1, length - 1)), spec.image_size, spec.supersample)
+        img, jpeg_quality = degrade(img, float(d), kind, rng)
+        if jpeg_quality is not None:  # JPEG artefacts only exist once encoded
+            img = Image.open(io.BytesIO(encode(img, jpeg_quality))).convert("RGB")
+        frames.append(np.asarray(img, dtype=np.uint8))
+    return Track(identity, kind, degradation.astype(np.float32), normalise(np.stack(frames)))
+
+
+def make_synthetic_tracks(
+    num_identities: int,
+    tracks_per_identity: int,
+    track_length: int,
+    image_size: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = DEGRADATION_TYPES,
+    supersample: int = 3,
+) -> list[Track]:
+    """Tracks of synthetic faces, identity-major (all tracks of identity 0 first); fully seeded."""
+    if tracks_per_identity < 2:
+        raise ValueError(f"tracks_per_identity={tracks_per_identity}: need >= 2 for genuine set pairs")
+    if track_length < 1 or num_identities < 2:
+        raise ValueError(
+            f"need track_length >= 1 and num_identities >= 2, got {track_length}, {num_identities}"
+        )
+    spec = SyntheticSpec(
+        num_identities=num_identities,
+        image_size=image_size,
+        seed=TRACK_SEED_OFFSET + seed,
+        supersample=supersample,
+    )
+    tracks = []
+    for identity in range(num_identities):
+        for k in range(tracks_per_identity):
+            rng = np.random.default_rng([seed, 31337, identity, k])
+            kind = kinds[int(rng.integers(len(kinds)))]
+            tracks.append(render_track(spec, identity, track_length, kind, rng))
+    return tracks
+
+
+# ----------------------------------------------------------------------------- (b) Yale B sets
+
+
+def yaleb_sets(
+    root: Path, image_size: int, set_size: int, seed: int = 0, max_people: int | None = None
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, list[str]]:
+    """(images float32 (N,3,S,S), sets as index arrays, set labels, file names) from root/yaleb/<person>/."""
+    from data.pipeline import decode_image, normalise
+
+    people = sorted(p for p in (root / "yaleb").iterdir() if p.is_dir())[:max_people]
+    rng = np.random.default_rng(seed)
+    pixels, names, sets, set_labels = [], [], [], []
+    for label, person in enumerate(people):
+        files = sorted(person.glob("*.png"))
+        start = len(pixels)
+        for f in files:
+            pixels.append(np.asarray(decode_image(f.read_bytes(), image_size), dtype=np.uint8))
+            names.append(f.name)
+        order = start + rng.permutation(len(files))
+        for k in range(len(files) // set_size):
+            sets.append(order[k * set_size : (k + 1) * set_size])
+            set_labels.append(label)
+    return normalise(np.stack(pixels)), sets, np.asarray(set_labels), names
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def set_pair_results(
+    sets: Sets,
+    labels: np.ndarray,
+    s_th: float,
+    seed: int = 0,
+    max_genuine: int = 2000,
+    impostors_per_genuine: int = 5,
+) -> dict[str, dict[str, Any]]:
+    """Verification of set pairs for each aggregation method: {method: evaluation.verify result}."""
+    labels = np.asarray(labels)
+    have_gen, have_imp = count_available_pairs(labels)
+    n_gen = min(max_genuine, have_gen)
+    pairs, is_same = make_pairs(labels, n_gen, min(impostors_per_genuine * n_gen, have_imp), seed=seed)
+    return evaluate_set_pairs(
+        [sets[i] for i in pairs[:, 0]], [sets[i] for i in pairs[:, 1]], is_same, methods=METHODS, s_th=s_th
+    )
+
+
+def online_vs_window(sets: Sets, labels: np.ndarray, s_th: float, decide_at: float) -> dict[str, Any]:
+    """First set of each identity enrols (QWFA); the others are streams identified against the gallery."""
+    from evaluation import aggregate
+
+    labels = np.asarray(labels)
+    gallery_ids = sorted(set(labels.tolist()))
+    first = {lab: int(np.flatnonzero(labels == lab)[0]) for lab in gallery_ids}
+    gallery = np.stack([aggregate(*sets[first[lab]], method="qwfa") for lab in gallery_ids])
+    probes = [i for i in range(len(sets)) if i not in set(first.values())]
+    return compare_online_vs_window(
+        [sets[i] for i in probes],
+        [labels[i].item() for i in probes],
+        gallery,
+        gallery_ids,
+        threshold=-1.0,  # closed set: every probe is someone enrolled
+        s_th=s_th,
+        decide_at=decide_at,
+    )
+
+
+def run_protocol(
+    sets: Sets, labels: np.ndarray, s_th: float | None = None, decide_at: float | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Both comparisons on one collection of sets; s_th / decide_at default as in the module docstring."""
+    all_q = np.concatenate([q for _, q in sets])
+    s_th = float(np.median(all_q)) if s_th is None else s_th
+    decide_at = 3 * s_th if decide_at is None else decide_at
+    return {
+        "s_th": s_th,
+        "decide_at": decide_at,
+        "set_pairs": set_pair_results(sets, labels, s_th, seed=seed),
+        "online": online_vs_window(sets, labels, s_th, decide_at),
+        "num_sets": len(sets),
+        "frames_per_set": float(np.mean([len(q) for _, q in sets])),
+    }
+
+
+def format_results(title: str, res: dict[str, Any]) -> str:
+    first = next(iter(res["set_pairs"].values()))
+    lines = [
+        f"{title}: {res['num_sets']} sets of {res['frames_per_set']:.1f} frames; "
+        f"{first['num_genuine']} genuine / {first['num_impostor']} impostor set pairs; "
+        f"s_th={res['s_th']:.3f}, decide_at={res['decide_at']:.3f}",
+        f"  {'method':<7} {'accuracy':>17} {'TAR@FAR=1e-2':>13} {'AUC':>7}",
+    ]
+    for method, r in res["set_pairs"].items():
+        tar = r["tar_at_far"].get(1e-2, float("nan"))
+        lines.append(
+            f"  {method:<7} {r['acc_mean']:>8.4f} ± {r['acc_std']:.4f} "
+            f"{'n/a' if math.isnan(tar) else f'{tar:.4f}':>13} {r['auc']:>7.4f}"
+        )
+    o = res["online"]
+    window = o["window_frames_at_equal_accuracy"]
+    lines.append(
+        f"  online aggregator: rank-1 accuracy {o['online_accuracy']:.4f} "
+        f"after {o['online_mean_frames']:.2f} "
+        f"frames on average (median {o['online_median_frames']:g}; "
+        f"{o['online_ready_fraction']:.0%} of streams reached decide_at)"
+    )
+    lines.append(
+        "  fixed window (first L frames, mean pooling) reaches that accuracy at "
+        + (f"L = {window} frames" if window is not None else "no L (not even the whole stream)")
+    )
+    lines.append(
+        "  window accuracy by L: " + ", ".join(f"{k}:{v:.3f}" for k, v in o["window_accuracy"].items())
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def train_tiny_model(
+    image_size: int = 32,
+    num_identities: int = 48,
+    per_identity: int = 20,
+    epochs: int = 8,
+    quality_epochs: int = 3,
+    batch_size: int = 64,
+    seed: int = 0,
+    log=print,
+) -> torch.nn.Module:
+    """A small EQFaceNet trained in-process on synthetic faces: step 1 (backbone), then step 2 (quality)."""
+    from data.pipeline import decode_batch
+    from data.synthetic import generate_rows
+    from flows.train_step import StepModel, learning_rate
+    from models import MarginHead, build_eqface_net
+
+    torch.manual_seed(seed)
+    spec = SyntheticSpec(
+        num_identities=num_identities,
+        train_per_identity=per_identity,
+        val_per_identity=1,
+        image_size=image_size,
+        seed=seed,
+    )
+    rows = list(generate_rows(spec, "train"))
+    batch = {k: np.asarray([r[k] for r in rows], dtype=object if k != "label" else np.int64) for k in rows[0]}
+    data = decode_batch(batch, image_size=image_size, augment=None, seed=seed)
+    images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
+    net = build_eqface_net(
+        backbone="mobilefacenet", input_size=image_size, width_mult=0.5, embedding_size=64, quality_hidden=64
+    )
+    head = MarginHead(num_identities, 64, scale=32.0, m2=0.4)
+    rng = np.random.default_rng(seed)
+    for kind, n_epochs, lr in ((1, epochs, 0.1), (2, quality_epochs, 0.05)):
+        model = StepModel(kind, net, head)
+        optimizer = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=lr,
+            momentum=0.9,
+            weight_decay=5e-4 if kind == 1 else 0.0,
+        )
+        per_epoch = len(images) // batch_size
+        step, started = 0, time.perf_counter()
+        for epoch in range(n_epochs):
+            order = torch.from_numpy(rng.permutation(len(images)))
+            total, correct = 0.0, 0
+            for b in range(per_epoch):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                x = images[idx]
+                flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+                x = torch.where(flip[:, None, None, None], torch.flip(x, dims=[-1]), x)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(
+                        lr, step, n_epochs * per_epoch, per_epoch // 2 if kind == 1 else 0
+                    )
+                loss, cos, _ = model(x, labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                total += loss.item()
+                correct += int((cos.argmax(1) == labels[idx]).sum())
+            log(
+                f"  tiny model step {kind} epoch {epoch + 1}/{n_epochs}: loss {total / per_epoch:.3f}, "
+                f"top1 {correct / (per_epoch * batch_size):.3f} ({time.perf_counter() - started:.0f} s)"
+            )
+    return net.eval()
+
+
+def embed_sets(
+    net: torch.nn.Module, images: np.ndarray, index_sets: list[np.ndarray], progress: bool = True
+) -> tuple[Sets, np.ndarray]:
+    """Per set (flip-sum embeddings, EQFace qualities), and the quality of every image."""
+    from flows.evaluate import embed_images
+
+    emb = embed_images(net, images, batch_size=128, progress=progress)
+    return [(emb.embeddings[i], emb.quality[i]) for i in index_sets], emb.quality
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.set_aggregation", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="MLflow model URI, checkpoint dir/URI or net.pt "
+        "(default: train a tiny model on synthetic faces first)",
+    )
+    p.add_argument("--image-size", type=int, default=None, help="only for a model that does not record it")
+    p.add_argument("--identities", type=int, default=30)
+    p.add_argument("--tracks-per-identity", type=int, default=3)
+    p.add_argument("--track-length", type=int, default=16)
+    p.add_argument(
+        "--s-th", type=float, default=None, help="quality threshold (default: median frame quality)"
+    )
+    p.add_argument("--decide-at", type=float, default=None, help="online decision point (default: 3 x s_th)")
+    p.add_argument("--yaleb-set-size", type=int, default=8)
+    p.add_argument("--faces", type=Path, default=FACES, help="real face sets root (part b)")
+    p.add_argument("--no-yaleb", action="store_true", help="skip part (b)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write every number here")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluation.quality_assessment import quality_correlation, yaleb_light_angle
+    from flows.evaluate import ModelLoadError, load_model, to_jsonable
+
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.model:
+        try:
+            net, image_size = load_model(args.model, args.image_size)
+        except ModelLoadError as exc:
+            print(f"set_aggregation: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"model: {args.model} ({image_size} px)")
+    else:
+        image_size = args.image_size or 32
+        print(f"model: none given; training a tiny EQFaceNet on synthetic faces ({image_size} px)")
+        net = train_tiny_model(image_size=image_size, seed=args.seed)
+    torch.set_grad_enabled(False)
+    report: dict[str, Any] = {"model": args.model or "tiny (trained in-process)", "image_size": image_size}
+
+    tracks = make_synthetic_tracks(
+        args.identities, args.tracks_per_identity, args.track_length, image_size, seed=args.seed
+    )
+    images = np.concatenate([t.images for t in tracks])
+    bounds = np.cumsum([0] + [len(t.images) for t in tracks])
+    sets, quality = embed_sets(
+        net,
+        images,
+        [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+        progress=not args.no_progress,
+    )
+    degradation = np.concatenate([t.degradation for t in tracks])
+    res = run_protocol(
+        sets, np.array([t.identity for t in tracks]), args.s_th, args.decide_at, seed=args.seed
+    )
+    res["quality_vs_degradation_spearman"] = quality_correlation(quality, degradation)["spearman"]
+    report["synthetic_tracks"] = res
+    print()
+    print(
+        format_results(
+            f"(a) synthetic tracks ({args.identities} identities x {args.tracks_per_identity})", res
+        )
+    )
+    print(f"  Spearman(quality, degradation) over all frames: {res['quality_vs_degradation_spearman']:.3f}")
+
+    if args.no_yaleb:
+        print("\n(b) Yale B: skipped (--no-yaleb)")
+    elif not (args.faces / "yaleb").is_dir():
+        print(f"\n(b) Yale B: skipped ({args.faces / 'yaleb'} is absent)")
+    else:
+        y_images, y_sets, y_labels, names = yaleb_sets(
+            args.faces, image_size, args.yaleb_set_size, seed=args.seed
+        )
+        sets, quality = embed_sets(net, y_images, y_sets, progress=not args.no_progress)
+        res = run_protocol(sets, y_labels, args.s_th, args.decide_at, seed=args.seed)
+        angle = np.array([yaleb_light_angle(n)[2] for n in names])
+        res["quality_vs_light_angle_spearman"] = quality_correlation(quality, angle)["spearman"]
+        report["yaleb"] = res
+        print()
+        print(format_results(f"(b) Yale B ({len(set(y_labels.tolist()))} people)", res))
+        print(
+            "  Spearman(quality, off-axis light angle) over all photos: "
+            f"{res['quality_vs_light_angle_spearman']:.3f}"
+        )
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        for part in ("synthetic_tracks", "yaleb"):  # ROC points would dwarf the numbers that matter
+            for r in report.get(part, {}).get("set_pairs", {}).values():
+                r.pop("roc", None)
+        args.json.write_text(json.dumps(to_jsonable(report), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

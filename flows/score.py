@@ -1,0 +1,322 @@
+"""Score a folder of face images: embedding + EQFace quality per image, a contact sheet, rejects.
+
+    python -m flows.score --model <MLflow model URI | checkpoint dir/URI | net.pt> FOLDER
+        [--out scores.parquet|scores.csv] [--min-quality 0.3] [--sheet contact.png] [--image-size N]
+
+Images (jpg/jpeg/png/bmp, any depth below FOLDER) are read whole, converted to RGB and resized to the
+model's input size: no face detection or alignment, so give it face crops. Files that cannot be read
+(empty, not an image, too large, truncated) are listed, skipped and counted; the command succeeds when
+at least one image was scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# Larger images are refused as possible decompression bombs (a face crop is rarely over 4k x 4k).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+SHEET_MAX_IMAGES = 400
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be turned into a face crop; the message says why."""
+
+
+@dataclass
+class ScoredImages:
+    paths: list[str]  # relative to the folder
+    sizes: list[tuple[int, int]]  # original (width, height)
+    thumbnails: list[Image.Image]
+    embeddings: np.ndarray  # (N, E) flip-sum, L2-normalised
+    embedding_norms: np.ndarray  # (N,) norm of the raw (unflipped) embedding
+    quality: np.ndarray  # (N,)
+    unreadable: list[tuple[str, str]]  # (path, reason)
+
+
+# ----------------------------------------------------------------------------- reading images
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files below `folder` (recursively), sorted so output order is stable."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: greyscale is repeated, alpha dropped, 16-bit / float rescaled."""
+    if img.mode in ("RGB",):
+        return img
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The file as an RGB PIL image; raises UnreadableImageError saying what is wrong with it."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UnreadableImageError(f"cannot stat: {exc}") from None
+    if size == 0:
+        raise UnreadableImageError("empty file (0 bytes)")
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x the limit; refuse everything above it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImageError(f"too large, refused as a possible decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImageError("not an image PIL can identify") from None
+    except Exception as exc:  # truncated data, bad header, unsupported mode, ...
+        raise UnreadableImageError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
+
+
+def load_folder(
+    folder: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True
+) -> tuple[list[str], list[tuple[int, int]], np.ndarray, list[Image.Image], list[tuple[str, str]]]:
+    """(relative paths, original sizes, float32 (N,3,S,S) in [-1,1], thumbnails, unreadable (path, why))."""
+    from tqdm import tqdm
+
+    from data.pipeline import normalise
+
+    paths, sizes, pixels, thumbs, unreadable = [], [], [], [], []
+    for path in tqdm(find_images(folder), desc="reading images", unit="img", disable=not progress):
+        rel = str(path.relative_to(folder))
+        try:
+            img = read_image_file(path, max_pixels)
+        except UnreadableImageError as exc:
+            unreadable.append((rel, str(exc)))
+            continue
+        sizes.append(img.size)
+        face = img.resize((image_size, image_size), Image.BILINEAR) if img.size != (image_size,) * 2 else img
+        paths.append(rel)
+        pixels.append(np.asarray(face, dtype=np.uint8))
+        thumbs.append(face)
+    images = normalise(np.stack(pixels)) if pixels else np.zeros((0, 3, image_size, image_size), np.float32)
+    return paths, sizes, images, thumbs, unreadable
+
+
+def score_folder(
+    net,
+    folder: Path,
+    image_size: int,
+    batch_size: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> ScoredImages:
+    """Read every image below `folder` and run the model on the readable ones."""
+    from flows.evaluate import embed_images
+
+    paths, sizes, images, thumbs, unreadable = load_folder(folder, image_size, max_pixels, progress)
+    if not paths:
+        empty = np.zeros((0, 0), np.float32)
+        return ScoredImages([], [], [], empty, np.zeros(0), np.zeros(0), unreadable)
+    emb = embed_images(net, images, batch_size=batch_size, progress=progress)
+    return ScoredImages(
+        paths,
+        sizes,
+        thumbs,
+        emb.embeddings,
+        np.linalg.norm(emb.raw_embeddings, axis=1),
+        emb.quality,
+        unreadable,
+    )
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_scores(scored: ScoredImages, out: Path, min_quality: float | None) -> None:
+    """Parquet (embedding as one list column) or CSV (one column per embedding dimension)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n, dim = scored.embeddings.shape
+    columns = {
+        "path": scored.paths,
+        "quality": scored.quality.astype(np.float32).tolist(),
+        "embedding_norm": scored.embedding_norms.astype(np.float32).tolist(),
+        "width": [w for w, _ in scored.sizes],
+        "height": [h for _, h in scored.sizes],
+    }
+    if min_quality is not None:
+        columns["rejected"] = (scored.quality < min_quality).tolist()
+    if out.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            {
+                k: pa.array(np.asarray(v, dtype=np.float32))
+                if k in ("quality", "embedding_norm")
+                else pa.array(v)
+                for k, v in columns.items()
+            }
+        )
+        flat = pa.array(scored.embeddings.astype(np.float32).reshape(-1))
+        table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
+        pq.write_table(table, out)
+        return
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*columns, *(f"emb_{j}" for j in range(dim))])
+        for i in range(n):
+            row = [columns[c][i] for c in columns]
+            writer.writerow([*row, *(f"{v:.6g}" for v in scored.embeddings[i])])
+
+
+def contact_sheet(
+    thumbnails: list[Image.Image],
+    quality: np.ndarray,
+    names: list[str],
+    min_quality: float | None = None,
+    cell: int = 96,
+    columns: int = 10,
+    max_images: int = SHEET_MAX_IMAGES,
+) -> Image.Image:
+    """Thumbnails ordered by quality, low -> high, with score and name; rejects framed in red.
+
+    More than `max_images` images: an evenly spaced selection along the quality order is shown.
+    """
+    order = np.argsort(quality, kind="mergesort")
+    shown = (
+        order
+        if order.size <= max_images
+        else order[np.linspace(0, order.size - 1, max_images).round().astype(int)]
+    )
+    columns = max(1, min(columns, shown.size))
+    rows = -(-shown.size // columns)
+    caption_h, header_h = 26, 22
+    font = ImageFont.load_default()
+    title = f"{shown.size} of {quality.size} images by quality, low -> high (left to right, top to bottom)"
+    if min_quality is not None:
+        title += f"; red frame: quality < {min_quality:g}"
+    width = max(
+        columns * cell, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 8
+    )
+    sheet = Image.new("RGB", (width, header_h + rows * (cell + caption_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), title, fill=(0, 0, 0), font=font)
+    for k, i in enumerate(shown):
+        x, y = (k % columns) * cell, header_h + (k // columns) * (cell + caption_h)
+        sheet.paste(thumbnails[i].resize((cell - 4, cell - 4), Image.BILINEAR), (x + 2, y + 2))
+        if min_quality is not None and quality[i] < min_quality:
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(220, 0, 0), width=2)
+        name = Path(names[i]).name
+        draw.text((x + 2, y + cell), f"{quality[i]:.3f}", fill=(0, 0, 0), font=font)
+        draw.text(
+            (x + 2, y + cell + 12), name if len(name) <= 15 else name[:14] + "~", fill=(90, 90, 90), font=font
+        )
+    return sheet
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m flows.score", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="folder of face images (searched recursively)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="MLflow model URI (models:/..., runs:/...), checkpoint dir/URI, or net.pt",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("scores.parquet"), help="scores file: .parquet or .csv"
+    )
+    parser.add_argument("--min-quality", type=float, default=None, help="list images under this quality")
+    parser.add_argument(
+        "--sheet",
+        type=Path,
+        default=None,
+        help="contact sheet PNG (default: next to --out, <stem>_contact.png)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="model input size (default: the model's)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse larger images as possible decompression bombs",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def fail(message: str, code: int = 2) -> int:
+        print(f"score: error: {message}", file=sys.stderr)
+        return code
+
+    if not args.folder.is_dir():
+        return fail(f"{args.folder}: not a folder")
+    if args.out.suffix.lower() not in (".parquet", ".csv"):
+        return fail(f"--out {args.out}: must end in .parquet or .csv")
+    if args.min_quality is not None and not 0.0 <= args.min_quality <= 1.0:
+        return fail(f"--min-quality {args.min_quality}: must be in [0, 1]")
+    from flows.evaluate import ModelLoadError, load_model
+
+    try:
+        net, image_size = load_model(args.model, args.image_size)
+    except ModelLoadError as exc:
+        return fail(str(exc))
+
+    scored = score_folder(
+        net, args.folder, image_size, args.batch_size, args.max_pixels, progress=not args.no_progress
+    )
+    found = len(scored.paths) + len(scored.unreadable)
+    if scored.unreadable:
+        print(f"unreadable images: {len(scored.unreadable)} of {found} (skipped)", file=sys.stderr)
+        for path, reason in scored.unreadable:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    if not scored.paths:
+        if found == 0:
+            return fail(f"{args.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found", 1)
+        return fail(f"{args.folder}: none of the {found} images could be read (see the list above)", 1)
+
+    write_scores(scored, args.out, args.min_quality)
+    sheet_path = args.sheet or args.out.with_name(f"{args.out.stem}_contact.png")
+    sheet_path.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(scored.thumbnails, scored.quality, scored.paths, args.min_quality).save(sheet_path)
+
+    q = scored.quality
+    print(
+        f"scored {len(scored.paths)} images ({len(scored.unreadable)} unreadable, skipped), "
+        f"embedding size {scored.embeddings.shape[1]}, image size {image_size}"
+    )
+    print(f"quality: min {q.min():.3f}  median {np.median(q):.3f}  mean {q.mean():.3f}  max {q.max():.3f}")
+    if args.min_quality is not None:
+        rejects = np.flatnonzero(q < args.min_quality)
+        print(f"rejects (quality < {args.min_quality:g}): {rejects.size} of {q.size}")
+        for i in rejects[np.argsort(q[rejects], kind="mergesort")]:
+            print(f"  {q[i]:.3f}  {scored.paths[i]}")
+    print(f"scores:        {args.out}")
+    print(f"contact sheet: {sheet_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""MLflow as in production: infra/mlflow/run_server.sh with a PostgreSQL backend store and artifacts proxied
+to S3 (the local S3-compatible server), used through MlflowClient by a client that holds no S3 credentials.
+
+PostgreSQL comes from Debian's packages (infra/postgres.py); the module skips, with the reason, where it
+cannot be started here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.postgres import PostgresUnavailable, start_postgres
+from infra.stack import HOST, LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, Stack, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SERVER = ROOT / "infra" / "mlflow" / "run_server.sh"
+BUCKET = "eqface"
+ALLOWED_HOST = "mlflow.internal"
+
+
+def _http_status(url: str, host: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _http_status_or_none(url: str) -> int | None:
+    try:
+        return _http_status(url)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM the server (its pid), then SIGKILL whatever is left of its process group (uvicorn workers)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver of SQLAlchemy 2.1) is not installed")
+    try:
+        pg = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL cannot be started here: {exc}")
+    state = tmp_path_factory.mktemp("mlflow_pg")
+    stack = Stack.load(state)
+    server = None
+    try:
+        stack.start_s3(buckets=(BUCKET,))
+        port = free_port()
+        log = state / "mlflow.log"
+        env = {
+            **os.environ,
+            **stack.env(),  # S3 endpoint + the local server's fake keys: for the server only
+            "MLFLOW_BACKEND_STORE_URI": pg.uri.replace("postgresql://", "postgresql+psycopg://"),
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow-artifacts",
+            "MLFLOW_HOST": HOST,
+            "MLFLOW_PORT": str(port),
+            "MLFLOW_WORKERS": "1",
+            "MLFLOW_ALLOWED_HOSTS": f"{ALLOWED_HOST},{HOST}:*,localhost:*",
+            "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow"),
+        }
+        with open(log, "wb") as out:
+            server = subprocess.Popen(
+                ["bash", str(RUN_SERVER)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        url = f"http://{HOST}:{port}"
+        deadline = time.monotonic() + 240  # first start runs MLflow's schema migrations on PostgreSQL
+        while _http_status_or_none(f"{url}/health") != 200:
+            tail = log.read_text(errors="replace")[-2000:]
+            assert server.poll() is None, f"MLflow server exited: {tail}"
+            assert time.monotonic() < deadline, f"MLflow server not healthy after 240 s: {tail}"
+            time.sleep(0.5)
+        yield {"url": url, "pg": pg, "stack": stack, "log": log}
+    finally:
+        if server is not None:
+            _stop(server)
+        stack.stop_all()
+        pg.stop()
+
+
+def test_run_round_trip_through_postgres_and_proxied_s3(services, tmp_path, monkeypatch):
+    import boto3
+    import psycopg
+    from mlflow.tracking import MlflowClient
+
+    # The client has no way to reach S3 itself: artifacts must go through the server's proxy.
+    for key in [k for k in os.environ if k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL"]:
+        monkeypatch.delenv(key)
+    client = MlflowClient(tracking_uri=services["url"])
+    experiment_id = client.create_experiment("eqface-pg-test")
+    run = client.create_run(experiment_id, run_name="r100-smoke")
+    run_id = run.info.run_id
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
+
+    client.log_param(run_id, "loss.m2", "0.5")
+    client.log_param(run_id, "model.backbone", "r100")
+    for step, loss in enumerate([2.5, 1.75, 1.25]):
+        client.log_metric(run_id, "loss", loss, step=step)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("quality-aware face recognition\n")
+    client.log_artifact(run_id, str(notes), artifact_path="reports")
+    client.set_terminated(run_id)
+
+    stored = client.get_run(run_id)
+    assert stored.data.params == {"loss.m2": "0.5", "model.backbone": "r100"}
+    assert stored.data.metrics["loss"] == 1.25
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 2.5), (1, 1.75), (2, 1.25)]
+    assert stored.info.status == "FINISHED"
+    assert [f.path for f in client.list_artifacts(run_id, "reports")] == ["reports/notes.txt"]
+    downloaded = client.download_artifacts(run_id, "reports/notes.txt", str(tmp_path / "down"))
+    assert Path(downloaded).read_text() == "quality-aware face recognition\n"
+
+    # The params really live in PostgreSQL ...
+    with psycopg.connect(services["pg"].uri) as conn:
+        query = "SELECT key, value FROM params WHERE run_uuid = %s ORDER BY key"
+        rows = conn.execute(query, (run_id,)).fetchall()
+    assert rows == [("loss.m2", "0.5"), ("model.backbone", "r100")]
+    # ... and the artifact in the S3 bucket, under the server's --artifacts-destination.
+    s3 = boto3.client("s3", endpoint_url=f"http://{HOST}:{services['stack'].services['s3'].port}",
+                      region_name="us-east-1", aws_access_key_id=LOCAL_S3_KEY_ID,
+                      aws_secret_access_key=LOCAL_S3_SECRET)
+    key = f"mlflow-artifacts/{experiment_id}/{run_id}/artifacts/reports/notes.txt"
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"quality-aware face recognition\n"
+
+    # The server's S3 secret never reaches its log or the tracking store.
+    assert LOCAL_S3_SECRET not in services["log"].read_text(errors="replace")
+    with psycopg.connect(services["pg"].uri) as conn:
+        query = "SELECT count(*) FROM params WHERE value LIKE %s"
+        leaked = conn.execute(query, (f"%{LOCAL_S3_SECRET}%",)).fetchone()
+    assert leaked == (0,)
+
+
+def test_allowed_hosts_guard_the_api(services):
+    api = f"{services['url']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _http_status(api, host=ALLOWED_HOST) == 200
+    assert _http_status(api, host="attacker.example.com") == 403
+    # Setting --allowed-hosts replaces MLflow's default list, private IPs included.
+    assert _http_status(api, host="10.0.0.5:5000") == 403
+
+
+def test_run_server_refuses_a_password_in_the_uri(tmp_path):
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow:hunter2@db:5432/mlflow",
+           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path), "MLFLOW_BIN": "/bin/false"}
+    done = subprocess.run(["bash", str(RUN_SERVER)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "MLFLOW_DB_PASSWORD_FILE" in done.stderr
+    assert "hunter2" not in done.stderr
+
+
+def test_run_server_names_a_missing_setting(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_ARTIFACTS_DESTINATION"] = str(tmp_path)
+    done = subprocess.run(["bash", str(RUN_SERVER)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert "MLFLOW_BACKEND_STORE_URI" in done.stderr
+
+
+def test_compose_file_keeps_secrets_out_and_services_private():
+    compose = yaml.safe_load((ROOT / "infra" / "mlflow" / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    assert "ports" not in services["postgres"]  # the database is on the compose network only
+    assert "POSTGRES_PASSWORD" not in services["postgres"]["environment"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/")
+    mlflow_env = services["mlflow"]["environment"]
+    user_info = mlflow_env["MLFLOW_BACKEND_STORE_URI"].split("://", 1)[1].split("@")[0]
+    assert user_info == "mlflow", "the backend URI must name the user only, no password"
+    assert mlflow_env["MLFLOW_DB_PASSWORD_FILE"].startswith("/run/secrets/")
+    assert mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    for service in ("mlflow", "proxy"):
+        for mapping in services[service]["ports"]:  # published on loopback unless the operator says otherwise
+            assert mapping.startswith("${") and ":-127.0.0.1}:" in mapping, mapping
+    assert services["proxy"]["profiles"] == ["proxy"]
+    # The server image pins the same MLflow as the project.
+    mlflow_pin = re.search(r'"(mlflow==[^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f'"{mlflow_pin}"' in (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()

@@ -1,0 +1,110 @@
+"""The flow with everything on S3: dataset, Ray Train checkpoints and MLflow artifacts on a local
+S3-compatible server (moto_server), submitted with `ray job submit`; read back from S3 afterwards.
+Also: the S3 keys the services ran with appear nowhere in MLflow, its artifacts, or the logs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows import checkpoints
+from flows.tracking import TAG_CHECKPOINT, TAG_FINAL_MODEL, TAG_FLOW
+from infra.stack import LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, Stack
+from tests.conftest import submit_flow
+
+pytestmark = pytest.mark.integration
+BUCKET = "eqface"
+
+
+@pytest.fixture(scope="module")
+def s3_stack(tmp_path_factory):
+    stack = Stack.load(tmp_path_factory.mktemp("s3stack"))
+    try:
+        stack.start_s3(buckets=(BUCKET,))
+        stack.start_mlflow(artifacts_destination=f"s3://{BUCKET}/mlflow")
+        stack.start_ray(num_cpus=2)  # inherits the S3 endpoint and keys from its environment
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def s3_flow(s3_stack):
+    name = f"s3-{uuid.uuid4().hex[:6]}"
+    args = ["--config", "configs/default.yaml", "--config", "configs/tiny.yaml", f"flow.name={name}",
+            f"flow.storage=s3://{BUCKET}/runs", f"data.cache_root=s3://{BUCKET}/datasets",
+            "flow.loops=0", "step1.epochs=1", "scaling.num_workers=1"]
+    proc = submit_flow(s3_stack, args)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    client = MlflowClient(s3_stack.env()["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("eqface")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_FLOW}` = '{name}'")
+    return {"proc": proc, "client": client, "runs": runs, "name": name}
+
+
+@pytest.fixture()
+def s3_env(s3_stack, monkeypatch):
+    for key, value in s3_stack.env().items():
+        if key.startswith(("AWS_", "MLFLOW_S3_")):
+            monkeypatch.setenv(key, value)
+    return s3_stack.env()
+
+
+def _s3(env):
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id=LOCAL_S3_KEY_ID, aws_secret_access_key=LOCAL_S3_SECRET)
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def test_checkpoints_and_dataset_live_on_s3_and_load_back(s3_flow, s3_env):
+    steps = [r for r in s3_flow["runs"] if r.data.tags.get("eqface.role") == "step"]
+    assert len(steps) == 2  # loops=0: steps 1 and 2
+    s3 = _s3(s3_env)
+    assert any(k.endswith("manifest.json") for k in _keys(s3, "datasets/"))
+    for run in steps:
+        uri = run.data.tags[TAG_CHECKPOINT]
+        assert uri.startswith(f"s3://{BUCKET}/runs/")
+        net = checkpoints.load_net(checkpoints.from_uri(uri))
+        emb, quality = net(torch.zeros(2, 3, 32, 32))
+        assert emb.shape == (2, 32) and quality.shape == (2,)
+
+
+def test_mlflow_artifacts_are_proxied_to_s3(s3_flow, s3_env):
+    import mlflow.pytorch
+
+    keys = _keys(_s3(s3_env), "mlflow/")
+    assert any(k.endswith("plots/quality_histogram.png") for k in keys)
+    assert any(k.endswith("MLmodel") for k in keys)
+    parent = next(r for r in s3_flow["runs"] if r.data.tags.get("eqface.role") == "flow")
+    mlflow.set_tracking_uri(s3_flow["client"].tracking_uri)
+    model = mlflow.pytorch.load_model(parent.data.tags[TAG_FINAL_MODEL])
+    _, quality = model(torch.zeros(1, 3, 32, 32))
+    assert 0.0 <= float(quality) <= 1.0
+
+
+def test_credentials_appear_nowhere(s3_flow, s3_stack, s3_env):
+    secrets = (LOCAL_S3_KEY_ID.encode(), LOCAL_S3_SECRET.encode())
+    for run in s3_flow["runs"]:
+        text = repr((run.data.params, run.data.tags, run.data.metrics)).encode()
+        assert not any(s in text for s in secrets), run.info.run_id
+    s3 = _s3(s3_env)
+    for key in _keys(s3, "mlflow/"):
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert not any(s in body for s in secrets), key
+    logs = (s3_flow["proc"].stdout + s3_flow["proc"].stderr).encode()
+    assert not any(s in logs for s in secrets)
+    ray_logs = Path(s3_stack.services["ray"].info["temp_dir"])
+    for path in ray_logs.rglob("*"):
+        if path.is_file() and path.suffix in (".log", ".out", ".err", ".txt", ".json"):
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), path
