@@ -268,23 +268,13 @@ def format_results(title: str, res: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- model
 
 
-def train_tiny_model(
-    image_size: int = 32,
-    num_identities: int = 48,
-    per_identity: int = 20,
-    epochs: int = 8,
-    quality_epochs: int = 3,
-    batch_size: int = 64,
-    seed: int = 0,
-    log=print,
-) -> torch.nn.Module:
-    """A small EQFaceNet trained in-process on synthetic faces: step 1 (backbone), then step 2 (quality)."""
+def synthetic_training_set(
+    num_identities: int, per_identity: int, image_size: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float32 (N, 3, S, S) in [-1, 1], labels) of the synthetic train split, in memory."""
     from data.pipeline import decode_batch
     from data.synthetic import generate_rows
-    from flows.train_step import StepModel, learning_rate
-    from models import MarginHead, build_eqface_net
 
-    torch.manual_seed(seed)
     spec = SyntheticSpec(
         num_identities=num_identities,
         train_per_identity=per_identity,
@@ -293,47 +283,161 @@ def train_tiny_model(
         seed=seed,
     )
     rows = list(generate_rows(spec, "train"))
-    batch = {k: np.asarray([r[k] for r in rows], dtype=object if k != "label" else np.int64) for k in rows[0]}
+    batch = {k: np.asarray([r[k] for r in rows], dtype=np.int64 if k == "label" else object) for k in rows[0]}
     data = decode_batch(batch, image_size=image_size, augment=None, seed=seed)
-    images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
+    return torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
+
+
+def _sgd_epochs(
+    params,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    n: int,
+    batch_size: int,
+    seed: int,
+    step_fn,
+    log,
+    what: str,
+) -> None:
+    """Minibatch SGD with the flow's schedule (warm-up, cosine decay); step_fn(idx) -> (loss, #correct)."""
+    from flows.train_step import learning_rate
+
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    per_epoch, step, started = n // batch_size, 0, time.perf_counter()
+    for epoch in range(epochs):
+        order = torch.from_numpy(rng.permutation(n))
+        total, correct = 0.0, 0
+        for b in range(per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(lr, step, epochs * per_epoch, per_epoch // 2)
+            loss, hits = step_fn(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += loss.item()
+            correct += hits
+        log(
+            f"  {what} epoch {epoch + 1}/{epochs}: loss {total / per_epoch:.3f}, "
+            f"top1 {correct / (per_epoch * batch_size):.3f} ({time.perf_counter() - started:.0f} s)"
+        )
+
+
+def train_backbone(
+    net,
+    head,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int = 32,
+    lr: float = 0.1,
+    seed: int = 0,
+    log=print,
+) -> None:
+    """EQFace step 1 (flows.train_step.StepModel kind 1): backbone + margin head, random horizontal flips."""
+    from flows.train_step import StepModel
+
+    model = StepModel(1, net, head)
+    rng = np.random.default_rng(seed + 1)
+
+    def step(idx: torch.Tensor):
+        x = images[idx]
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)[:, None, None, None]
+        loss, cos, _ = model(torch.where(flip, torch.flip(x, dims=[-1]), x), labels[idx])
+        return loss, int((cos.argmax(1) == labels[idx]).sum())
+
+    _sgd_epochs(
+        [p for p in model.parameters() if p.requires_grad],
+        lr,
+        5e-4,
+        epochs,
+        len(images),
+        batch_size,
+        seed,
+        step,
+        log,
+        "tiny model step 1",
+    )
+    model.eval()
+
+
+def train_quality(
+    net,
+    head,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 0.01,
+    seed: int = 0,
+    log=print,
+) -> None:
+    """EQFace step 2 (StepModel kind 2's loss): only the quality branch learns, centres fixed.
+
+    The backbone is frozen (and in eval mode) in step 2, so its outputs for the images and their mirror
+    images are computed once and the quality branch trains on them: many epochs for the cost of one.
+    """
+    net.eval()
+    with torch.no_grad():
+        outs = [
+            net.backbone(x[i : i + 256])
+            for x in (images, torch.flip(images, dims=[-1]))
+            for i in range(0, len(images), 256)
+        ]
+    embeddings = torch.cat([e for e, _ in outs])
+    feature_maps = torch.cat([f.contiguous() for _, f in outs]).float()
+    all_labels = torch.cat([labels, labels])
+    head.requires_grad_(False)
+    net.quality.train()
+
+    def step(idx: torch.Tensor):
+        out = head(embeddings[idx], all_labels[idx], net.quality(feature_maps[idx]))
+        return out.loss, int((out.cos.argmax(1) == all_labels[idx]).sum())
+
+    _sgd_epochs(
+        list(net.quality.parameters()),
+        lr,
+        0.0,
+        epochs,
+        len(embeddings),
+        batch_size,
+        seed,
+        step,
+        log,
+        "tiny model step 2",
+    )
+    net.quality.eval()
+    with torch.no_grad():
+        q = net.quality(feature_maps)
+    log(
+        f"  quality on the training images: mean {q.mean():.3f}, std {q.std():.3f}, "
+        f"min {q.min():.3f}, max {q.max():.3f}"
+    )
+
+
+def train_tiny_model(
+    image_size: int = 32,
+    num_identities: int = 160,
+    per_identity: int = 16,
+    epochs: int = 16,
+    quality_epochs: int = 30,
+    seed: int = 0,
+    log=print,
+) -> torch.nn.Module:
+    """A small EQFaceNet trained in-process on synthetic faces: step 1 (backbone), then step 2 (quality)."""
+    from models import MarginHead, build_eqface_net
+
+    torch.manual_seed(seed)
+    images, labels = synthetic_training_set(num_identities, per_identity, image_size, seed)
     net = build_eqface_net(
         backbone="mobilefacenet", input_size=image_size, width_mult=0.5, embedding_size=64, quality_hidden=64
     )
-    head = MarginHead(num_identities, 64, scale=32.0, m2=0.4)
-    rng = np.random.default_rng(seed)
-    for kind, n_epochs, lr in ((1, epochs, 0.1), (2, quality_epochs, 0.05)):
-        model = StepModel(kind, net, head)
-        optimizer = torch.optim.SGD(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=lr,
-            momentum=0.9,
-            weight_decay=5e-4 if kind == 1 else 0.0,
-        )
-        per_epoch = len(images) // batch_size
-        step, started = 0, time.perf_counter()
-        for epoch in range(n_epochs):
-            order = torch.from_numpy(rng.permutation(len(images)))
-            total, correct = 0.0, 0
-            for b in range(per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                x = images[idx]
-                flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-                x = torch.where(flip[:, None, None, None], torch.flip(x, dims=[-1]), x)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(
-                        lr, step, n_epochs * per_epoch, per_epoch // 2 if kind == 1 else 0
-                    )
-                loss, cos, _ = model(x, labels[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                total += loss.item()
-                correct += int((cos.argmax(1) == labels[idx]).sum())
-            log(
-                f"  tiny model step {kind} epoch {epoch + 1}/{n_epochs}: loss {total / per_epoch:.3f}, "
-                f"top1 {correct / (per_epoch * batch_size):.3f} ({time.perf_counter() - started:.0f} s)"
-            )
+    head = MarginHead(num_identities, 64, scale=32.0, m2=0.3)
+    train_backbone(net, head, images, labels, epochs, seed=seed, log=log)
+    train_quality(net, head, images, labels, quality_epochs, seed=seed, log=log)
     return net.eval()
 
 
@@ -373,6 +477,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-yaleb", action="store_true", help="skip part (b)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
+    p.add_argument("--save-model", type=Path, default=None, help="keep the tiny model (net.pt) for --model")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -393,7 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         image_size = args.image_size or 32
         print(f"model: none given; training a tiny EQFaceNet on synthetic faces ({image_size} px)")
-        net = train_tiny_model(image_size=image_size, seed=args.seed)
+        net = train_tiny_model(image_size=image_size, seed=args.seed, log=lambda m: print(m, flush=True))
+        if args.save_model:
+            from models import save_eqface_net
+
+            args.save_model.parent.mkdir(parents=True, exist_ok=True)
+            save_eqface_net(net, args.save_model)
     torch.set_grad_enabled(False)
     report: dict[str, Any] = {"model": args.model or "tiny (trained in-process)", "image_size": image_size}
 

@@ -129,6 +129,30 @@ def decode_batch(
     return out
 
 
+def dataset_error_from(exc: BaseException) -> DatasetError | None:
+    """The DatasetError behind an exception from a Ray Data pipeline, or None.
+
+    Ray re-raises task failures as RayTaskError(UserCodeException) whose cause chain no longer holds the
+    DatasetError object, only its formatted traceback; this recovers the message from either.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DatasetError):
+            return e
+        pending += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    marker = f"{DatasetError.__module__}.{DatasetError.__name__}: "
+    for line in reversed(str(exc).splitlines()):
+        for prefix in (marker, "DatasetError: "):
+            if prefix in line:
+                return DatasetError(line.split(prefix, 1)[1].strip())
+    return None
+
+
 def _ray_read_inputs(uri: str) -> tuple[Any, list[str], int, int]:
     manifest = read_manifest(uri)
     uris = shard_uris(uri)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from data import shards, storage
-from data.pipeline import decode_batch
+from data.pipeline import dataset_error_from, decode_batch
 from data.shards import DatasetError, read_manifest, shard_uris, write_dataset
 
 SCORE_COLUMNS = ["image", "label", "identity", "source"]
@@ -165,6 +165,11 @@ def _score_ray(src: str, net: torch.nn.Module, image_size: int, batch_size: int,
                 scores.add(batch["embedding"], batch["quality"], batch["label"])
                 scores.sources.extend(str(s) for s in batch["source"])
                 bar.update(len(batch["quality"]))
+    except Exception as e:
+        error = dataset_error_from(e)  # a corrupt row inside a Ray task: surface the clear message
+        if error is None:
+            raise
+        raise error from e
     finally:
         ctx.execution_options.preserve_order = before
 

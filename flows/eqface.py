@@ -203,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eqface: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - one clear line at the end, the traceback above it
+        from data.pipeline import dataset_error_from
         from data.shards import DatasetError
 
-        if isinstance(exc, DatasetError):
-            print(f"eqface: error: {exc}", file=sys.stderr)
+        bad_data = exc if isinstance(exc, DatasetError) else dataset_error_from(exc)  # unwraps Ray's wrappers
+        if bad_data is not None:
+            print(f"eqface: error: {bad_data}", file=sys.stderr)
             return 2
         import traceback
 

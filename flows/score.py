@@ -35,7 +35,6 @@ class UnreadableImageError(ValueError):
 class ScoredImages:
     paths: list[str]  # relative to the folder
     sizes: list[tuple[int, int]]  # original (width, height)
-    thumbnails: list[Image.Image]
     embeddings: np.ndarray  # (N, E) flip-sum, L2-normalised
     embedding_norms: np.ndarray  # (N,) norm of the raw (unflipped) embedding
     quality: np.ndarray  # (N,)
@@ -92,29 +91,11 @@ def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
         Image.MAX_IMAGE_PIXELS = saved_limit
 
 
-def load_folder(
-    folder: Path, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True
-) -> tuple[list[str], list[tuple[int, int]], np.ndarray, list[Image.Image], list[tuple[str, str]]]:
-    """(relative paths, original sizes, float32 (N,3,S,S) in [-1,1], thumbnails, unreadable (path, why))."""
-    from tqdm import tqdm
-
-    from data.pipeline import normalise
-
-    paths, sizes, pixels, thumbs, unreadable = [], [], [], [], []
-    for path in tqdm(find_images(folder), desc="reading images", unit="img", disable=not progress):
-        rel = str(path.relative_to(folder))
-        try:
-            img = read_image_file(path, max_pixels)
-        except UnreadableImageError as exc:
-            unreadable.append((rel, str(exc)))
-            continue
-        sizes.append(img.size)
-        face = img.resize((image_size, image_size), Image.BILINEAR) if img.size != (image_size,) * 2 else img
-        paths.append(rel)
-        pixels.append(np.asarray(face, dtype=np.uint8))
-        thumbs.append(face)
-    images = normalise(np.stack(pixels)) if pixels else np.zeros((0, 3, image_size, image_size), np.float32)
-    return paths, sizes, images, thumbs, unreadable
+def face_pixels(img: Image.Image, image_size: int) -> np.ndarray:
+    """uint8 (S, S, 3): the whole image resized to the model's input, as data.pipeline does."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def score_folder(
@@ -125,21 +106,48 @@ def score_folder(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> ScoredImages:
-    """Read every image below `folder` and run the model on the readable ones."""
+    """Read every image below `folder` and run the model on the readable ones, a batch at a time.
+
+    Memory holds one batch of pixels plus the embeddings, whatever the folder's size.
+    """
+    from tqdm import tqdm
+
+    from data.pipeline import normalise
     from flows.evaluate import embed_images
 
-    paths, sizes, images, thumbs, unreadable = load_folder(folder, image_size, max_pixels, progress)
+    paths, sizes, unreadable = [], [], []
+    embeddings, raw_norms, quality = [], [], []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            emb = embed_images(net, normalise(np.stack(pending)), batch_size=batch_size, progress=False)
+            embeddings.append(emb.embeddings)
+            raw_norms.append(np.linalg.norm(emb.raw_embeddings, axis=1))
+            quality.append(emb.quality)
+            pending.clear()
+
+    for path in tqdm(find_images(folder), desc="scoring images", unit="img", disable=not progress):
+        rel = str(path.relative_to(folder))
+        try:
+            img = read_image_file(path, max_pixels)
+        except UnreadableImageError as exc:
+            unreadable.append((rel, str(exc)))
+            continue
+        paths.append(rel)
+        sizes.append(img.size)
+        pending.append(face_pixels(img, image_size))
+        if len(pending) == batch_size:
+            flush()
+    flush()
     if not paths:
-        empty = np.zeros((0, 0), np.float32)
-        return ScoredImages([], [], [], empty, np.zeros(0), np.zeros(0), unreadable)
-    emb = embed_images(net, images, batch_size=batch_size, progress=progress)
+        return ScoredImages([], [], np.zeros((0, 0), np.float32), np.zeros(0), np.zeros(0), unreadable)
     return ScoredImages(
         paths,
         sizes,
-        thumbs,
-        emb.embeddings,
-        np.linalg.norm(emb.raw_embeddings, axis=1),
-        emb.quality,
+        np.concatenate(embeddings),
+        np.concatenate(raw_norms),
+        np.concatenate(quality),
         unreadable,
     )
 
@@ -184,6 +192,14 @@ def write_scores(scored: ScoredImages, out: Path, min_quality: float | None) -> 
             writer.writerow([*row, *(f"{v:.6g}" for v in scored.embeddings[i])])
 
 
+def sheet_selection(quality: np.ndarray, max_images: int = SHEET_MAX_IMAGES) -> np.ndarray:
+    """Indices in quality order, low -> high; above max_images an evenly spaced selection along that order."""
+    order = np.argsort(quality, kind="mergesort")
+    if order.size <= max_images:
+        return order
+    return order[np.linspace(0, order.size - 1, max_images).round().astype(int)]
+
+
 def contact_sheet(
     thumbnails: list[Image.Image],
     quality: np.ndarray,
@@ -191,42 +207,59 @@ def contact_sheet(
     min_quality: float | None = None,
     cell: int = 96,
     columns: int = 10,
-    max_images: int = SHEET_MAX_IMAGES,
+    total: int | None = None,
 ) -> Image.Image:
-    """Thumbnails ordered by quality, low -> high, with score and name; rejects framed in red.
-
-    More than `max_images` images: an evenly spaced selection along the quality order is shown.
-    """
-    order = np.argsort(quality, kind="mergesort")
-    shown = (
-        order
-        if order.size <= max_images
-        else order[np.linspace(0, order.size - 1, max_images).round().astype(int)]
-    )
-    columns = max(1, min(columns, shown.size))
-    rows = -(-shown.size // columns)
+    """The thumbnails in the order given (quality low -> high), score and name under each; rejects in red."""
+    columns = max(1, min(columns, len(thumbnails)))
+    rows = -(-len(thumbnails) // columns)
     caption_h, header_h = 26, 22
     font = ImageFont.load_default()
-    title = f"{shown.size} of {quality.size} images by quality, low -> high (left to right, top to bottom)"
+    title = (
+        f"{len(thumbnails)} of {total or len(thumbnails)} images by quality, low -> high "
+        "(left to right, top to bottom)"
+    )
     if min_quality is not None:
         title += f"; red frame: quality < {min_quality:g}"
-    width = max(
-        columns * cell, int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 8
+    title_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font))
+    sheet = Image.new(
+        "RGB", (max(columns * cell, title_width + 8), header_h + rows * (cell + caption_h)), "white"
     )
-    sheet = Image.new("RGB", (width, header_h + rows * (cell + caption_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), title, fill=(0, 0, 0), font=font)
-    for k, i in enumerate(shown):
+    for k, (thumb, q, name) in enumerate(zip(thumbnails, quality, names, strict=True)):
         x, y = (k % columns) * cell, header_h + (k // columns) * (cell + caption_h)
-        sheet.paste(thumbnails[i].resize((cell - 4, cell - 4), Image.BILINEAR), (x + 2, y + 2))
-        if min_quality is not None and quality[i] < min_quality:
+        sheet.paste(thumb.resize((cell - 4, cell - 4), Image.BILINEAR), (x + 2, y + 2))
+        if min_quality is not None and q < min_quality:
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(220, 0, 0), width=2)
-        name = Path(names[i]).name
-        draw.text((x + 2, y + cell), f"{quality[i]:.3f}", fill=(0, 0, 0), font=font)
-        draw.text(
-            (x + 2, y + cell + 12), name if len(name) <= 15 else name[:14] + "~", fill=(90, 90, 90), font=font
-        )
+        short = Path(name).name
+        short = short if len(short) <= 15 else short[:14] + "~"
+        draw.text((x + 2, y + cell), f"{q:.3f}", fill=(0, 0, 0), font=font)
+        draw.text((x + 2, y + cell + 12), short, fill=(90, 90, 90), font=font)
     return sheet
+
+
+def folder_contact_sheet(
+    folder: Path, scored: ScoredImages, image_size: int, min_quality: float | None, max_pixels: int
+) -> Image.Image:
+    """Contact sheet of a scored folder: the selected images are read again (only those)."""
+    chosen = sheet_selection(scored.quality)
+    thumbs = []
+    for i in chosen:
+        try:
+            thumbs.append(
+                Image.fromarray(
+                    face_pixels(read_image_file(folder / scored.paths[i], max_pixels), image_size)
+                )
+            )
+        except UnreadableImageError:  # changed on disk since it was scored
+            thumbs.append(Image.new("RGB", (image_size, image_size), "grey"))
+    return contact_sheet(
+        thumbs,
+        scored.quality[chosen],
+        [scored.paths[i] for i in chosen],
+        min_quality,
+        total=scored.quality.size,
+    )
 
 
 # ----------------------------------------------------------------------------- command line
@@ -300,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     write_scores(scored, args.out, args.min_quality)
     sheet_path = args.sheet or args.out.with_name(f"{args.out.stem}_contact.png")
     sheet_path.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(scored.thumbnails, scored.quality, scored.paths, args.min_quality).save(sheet_path)
+    folder_contact_sheet(args.folder, scored, image_size, args.min_quality, args.max_pixels).save(sheet_path)
 
     q = scored.quality
     print(

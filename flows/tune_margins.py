@@ -346,7 +346,31 @@ def check_space(space: SearchSpace, files: list[str | Path], overrides: list[str
             f"{space.path}: asha.grace_period: {space.grace_period} must be below the {max_t} epochs a "
             f"trial trains (steps {list(space.reporting_steps())}), or no trial can be stopped early"
         )
+    for index, sample in enumerate(planned_samples(space)):
+        changes = [f"{key}={_yaml_scalar(value)}" for key, value in trial_overrides(sample).items()]
+        try:
+            load_config(files, [*overrides, *changes])
+        except ConfigError as exc:
+            raise SpaceError(f"{space.path}: trial {index} ({', '.join(changes)}): {exc}") from None
     return base
+
+
+def planned_samples(space: SearchSpace) -> list[dict[str, Any]]:
+    """The configs the search will try, drawn as Tune draws them (same generator, same seed)."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import BasicVariantGenerator
+
+    generator = BasicVariantGenerator(random_state=space.seed)
+    generator.add_configurations([Experiment("preflight", _no_trial, config=space.param_space(),
+                                             num_samples=space.num_samples)])
+    samples = []
+    while (trial := generator.next_trial()) is not None:
+        samples.append(trial.config)
+    return samples
+
+
+def _no_trial(config: dict[str, Any]) -> None:
+    """The trainable of the preflight draw: never run."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +686,26 @@ def plan_trials(cluster: dict[str, float], cfg: Config, cap: int | None = None) 
     return concurrent, per_worker
 
 
+def warn_if_cleaner_is_blind() -> None:
+    """ASHA stops a trial by killing its driver, and with it the trial's Train controller; Ray Train's
+    detached PlacementGroupCleaner then frees the workers' CPUs. Where several Ray clusters run on one host it
+    finds its own only through RAY_ADDRESS; without it the CPUs stay reserved until the search ends."""
+    import ray
+
+    try:
+        from ray._private.services import find_gcs_addresses  # private: a hint, never a failure
+
+        clusters = len(find_gcs_addresses())
+    except Exception:  # noqa: BLE001
+        return
+    env_vars = ray.get_runtime_context().runtime_env.env_vars() or {}
+    if clusters > 1 and "RAY_ADDRESS" not in env_vars:
+        gcs = ray.get_runtime_context().gcs_address
+        print(f"[tune] warning: {clusters} Ray clusters run on this host and the job's env_vars lack "
+              f"RAY_ADDRESS: trials ASHA stops keep their CPUs until the search ends. Submit with "
+              f"--runtime-env-json '{{\"env_vars\": {{\"RAY_ADDRESS\": \"{gcs}\"}}}}'", flush=True)
+
+
 @dataclass
 class SearchArgs:
     space: SearchSpace
@@ -736,6 +780,7 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
         raise ConfigError("data.val: a held-out split is needed for the search objective")
 
     ray.init()
+    warn_if_cleaner_is_blind()
     cluster = ray.cluster_resources()
     concurrent, cpus_per_worker = plan_trials(cluster, cfg, space.max_concurrent_trials)
     trial_cfg = copy.deepcopy(cfg)  # the trials' resources; what they compute is unchanged
@@ -748,6 +793,8 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
     if existing is not None:
         parent_id = existing.info.run_id
         tracker.client.update_run(parent_id, status="RUNNING")
+        if "eqface.error" in existing.data.tags:  # the interruption this resume recovers from
+            tracker.client.delete_tag(parent_id, "eqface.error")
     else:
         params = {
             **cfg.flat(),
@@ -807,6 +854,9 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
                         max_t=max_t,
                         grace_period=space.grace_period,
                         reduction_factor=space.reduction_factor,
+                        # A trial at max_t ends by itself: stopping it there would kill its Train run
+                        # mid-shutdown, leaving the worker group's placement group to Ray's cleaner.
+                        stop_last_trials=False,
                     ),
                 ),
                 run_config=tune.RunConfig(

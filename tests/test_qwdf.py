@@ -187,3 +187,14 @@ def test_ray_scoring_matches_the_loop(real, ray_local):
         assert row["quality"] == pytest.approx(real["scored"][source]["quality"], abs=1e-5)
         np.testing.assert_allclose(read_embedding(row["embedding"]),
                                    read_embedding(real["scored"][source]["embedding"]), atol=1e-5)
+
+
+def test_ray_scoring_reports_a_corrupt_row(real, ray_local, tmp_path):
+    rows = [{"image": grey_png(100) if i != 1 else b"broken", "label": 0, "identity": "a", "source": f"s{i}"}
+            for i in range(3)]
+    uri = str(tmp_path / "src")
+    write_dataset(uri, rows, label_to_identity=["a"])
+    with pytest.raises(DatasetError, match=r"corrupt image at row 1 of batch \(identity=a, source=s1\)"):
+        # the real net: Ray workers cannot import classes defined in a test module
+        qwdf(real["net"], uri, str(tmp_path / "dst"), 0.1, use_ray=True, progress=False)
+    assert not (tmp_path / "dst").exists()

@@ -167,12 +167,25 @@ def test_contact_sheet_orders_images_from_low_to_high_quality():
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     thumbs = [Image.new("RGB", (32, 32), c) for c in colours]
     quality = np.array([0.9, 0.1, 0.5, 0.3])
-    sheet = score.contact_sheet(thumbs, quality, ["r", "g", "b", "y"], min_quality=0.2, cell=40, columns=4)
+    chosen = score.sheet_selection(quality)
+    assert chosen.tolist() == [1, 3, 2, 0]
+    names = ["r", "g", "b", "y"]
+    sheet = score.contact_sheet(
+        [thumbs[i] for i in chosen], quality[chosen], [names[i] for i in chosen], min_quality=0.2, cell=40
+    )
     header = 22
     centres = [sheet.getpixel((k * 40 + 20, header + 20)) for k in range(4)]
-    assert centres == [colours[i] for i in np.argsort(quality)]  # g (0.1), y (0.3), b (0.5), r (0.9)
+    assert centres == [colours[i] for i in (1, 3, 2, 0)]  # g (0.1), y (0.3), b (0.5), r (0.9)
     assert sheet.getpixel((0, header + 20)) == (220, 0, 0)  # the reject (0.1 < 0.2) is framed in red
     assert sheet.getpixel((40, header + 20)) != (220, 0, 0)
+
+
+def test_sheet_shows_an_even_selection_along_the_quality_order_of_a_large_folder():
+    quality = np.random.default_rng(0).random(1000)
+    chosen = score.sheet_selection(quality, max_images=400)
+    assert chosen.size == 400 and np.unique(chosen).size == 400
+    assert chosen[0] == np.argmin(quality) and chosen[-1] == np.argmax(quality)
+    assert (np.diff(quality[chosen]) > 0).all()
 
 
 def test_fails_with_a_clear_message_when_nothing_can_be_scored(setup, tmp_path, capsys):
@@ -216,5 +229,5 @@ def test_runs_as_a_module_with_progress_bars(setup, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "reading images" in proc.stderr and "embedding" in proc.stderr  # tqdm bars
+    assert "scoring images" in proc.stderr and "10/10" in proc.stderr  # the tqdm bar
     assert pq.read_table(out).num_rows == 6

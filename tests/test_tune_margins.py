@@ -27,6 +27,7 @@ from flows.tune_margins import (
     load_space,
     override_yaml,
     plan_trials,
+    planned_samples,
     trial_overrides,
 )
 from tests.conftest import ROOT
@@ -131,11 +132,7 @@ def test_shipped_spaces_pass_and_sample_only_their_family_margins():
             assert 0.9 <= margins["m1"] <= 1.0 and 0.1 <= margins["m2"] <= 0.5 and 0.0 <= margins["m3"] <= 0.2
         assert sample["scale"] in (32, 64) and 0.02 <= sample["lr"] <= 0.2
     # The tiny space pairs each sample with a hopeless twin, in the order the test relies on.
-    tiny = load_space(TINY_SPACE)
-    rng = np.random.RandomState(0)
-    lrs = [cfg["lr"] for _ in range(tiny.num_samples) for _, cfg in generate_variants(tiny.param_space(),
-                                                                                      random_state=rng)]
-    assert lrs == [0.03, 1e-6, 0.03, 1e-6]
+    assert [s["lr"] for s in planned_samples(load_space(TINY_SPACE))] == [0.03, 1e-6, 0.03, 1e-6]
 
 
 def test_best_config_yaml_is_a_flow_override(tmp_path):
@@ -187,6 +184,9 @@ def submit_search(stack, args: list[str], timeout: float = 600) -> subprocess.Co
     """`ray job submit --working-dir <repo> -- python flows/tune_margins.py ARGS`, as a user runs it."""
     env = {**os.environ, **stack.env()}
     job_env = {k: v for k, v in stack.env().items() if not k.startswith("RAY_")}
+    # Several Ray clusters share this host: Ray Train's detached PlacementGroupCleaner finds its own only
+    # through RAY_ADDRESS, and it is what frees the workers of a trial that ASHA stops.
+    job_env["RAY_ADDRESS"] = f"127.0.0.1:{stack.services['ray'].info['gcs_port']}"
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", env["RAY_ADDRESS"], "--working-dir", str(ROOT),
@@ -251,6 +251,13 @@ def test_one_child_run_per_trial_with_its_margins_and_curve(search):
         assert all(0.0 <= m.value <= 1.0 for m in curve)
         assert len(client.get_metric_history(child.info.run_id, "loss")) == last
     assert sorted(lrs) == [1e-6, 1e-6, 0.03, 0.03]
+    # Trial i ran exactly the i-th config the preflight drew and checked.
+    planned = planned_samples(load_space(TINY_SPACE))
+    for child in children:
+        sample = planned[int(child.data.tags["eqface.trial_id"].rsplit("_", 1)[1])]
+        ran = {key: child.data.params[key] for key in trial_overrides(sample)}
+        assert ran == {key: str(value) for key, value in trial_overrides(sample).items()}
+        assert child.data.tags["eqface.family"] == sample["margins"]["family"]
 
 
 def test_asha_stops_a_trial_at_the_grace_period(search):
@@ -286,7 +293,13 @@ def test_best_config_is_written_logged_and_accepted_by_the_flow(search):
 
 
 def test_a_finished_search_is_not_silently_rerun(search):
-    proc = submit_search(search["stack"], search["args"], timeout=300)
-    assert proc.returncode != 0
-    assert f"search '{search['name']}' already exists" in proc.stdout + proc.stderr
-    assert "pass --resume" in proc.stdout + proc.stderr
+    # The same command again, without --resume: refused before Ray is touched (so no job submission needed).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["MLFLOW_TRACKING_URI"] = search["stack"].env()["MLFLOW_TRACKING_URI"]
+    proc = subprocess.run([sys.executable, "flows/tune_margins.py", *search["args"]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    storage = search["work"] / "storage" / search["name"]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tune_margins: error: search '{search['name']}' already exists ({storage}); "
+        "pass --resume to continue it or choose another --name")
