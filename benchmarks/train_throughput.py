@@ -67,7 +67,7 @@ def ray_loop(cfg, data, epochs: int) -> float:
                                                 augment=cfg.data.augment, seed=0)},
         )
         result = trainer.fit()
-        history = [m for m in _history(result)]
+        history = _history(result)
     rates = [m["images_per_s"] for m in history]
     return max(rates[1:] or rates)
 
@@ -84,8 +84,8 @@ def main(argv: list[str]) -> int:
     epochs = 3
     ray_rate = ray_loop(cfg, data, epochs)
     plain_rate = plain_loop(cfg, data, epochs)
-    print(f"model {cfg.model.backbone} x{cfg.model.width_mult} @ {cfg.data.image_size}px, batch {cfg.step1.batch_size}, "
-          f"{data.num_train} images, {os.cpu_count()} CPUs, best of epochs 2..{epochs}")
+    print(f"model {cfg.model.backbone} x{cfg.model.width_mult} @ {cfg.data.image_size}px, "
+          f"batch {cfg.step1.batch_size}, {data.num_train} images, {os.cpu_count()} CPUs, best of epochs 2..{epochs}")
     print(f"plain PyTorch loop : {plain_rate:8.1f} images/s")
     print(f"Ray Train, 1 worker: {ray_rate:8.1f} images/s")
     print(f"ratio Ray/plain    : {ray_rate / plain_rate:8.3f}   (target >= 0.9)")

@@ -106,6 +106,8 @@ def _arrow_type_for(value: Any, name: str) -> pa.DataType:
         return pa.string()
     if isinstance(value, (bytes, bytearray)):
         return pa.binary()
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind == "f":
+        return pa.list_(pa.float32())  # e.g. embeddings written by QWDF
     raise DatasetError(f"column {name!r}: unsupported value type {type(value).__name__}")
 
 
