@@ -12,9 +12,10 @@
 (b) Yale B: each person's photos, shuffled, cut into sets of --yaleb-set-size; lighting varies within a
     set, so some frames are mostly shadow. Same protocol. Skipped when ../shared/data/faces is absent.
 
-s_th (QWFAF and the online aggregator) defaults to the median frame quality of the benchmark set, so
-QWFAF keeps about half of each set; the online aggregator decides once the quality of the frames it kept
-adds up to decide_at (default 3 x s_th: about three good frames).
+Quality scales differ between models, so the thresholds are set from the frames' own qualities: s_th
+(QWFAF and the online aggregator) defaults to their lower quartile, so QWFAF drops about the worst
+quarter of each set; the online aggregator decides once the quality of the frames it kept adds up to
+decide_at (default: three frames of median quality).
 """
 
 from __future__ import annotations
@@ -221,8 +222,8 @@ def run_protocol(
 ) -> dict[str, Any]:
     """Both comparisons on one collection of sets; s_th / decide_at default as in the module docstring."""
     all_q = np.concatenate([q for _, q in sets])
-    s_th = float(np.median(all_q)) if s_th is None else s_th
-    decide_at = 3 * s_th if decide_at is None else decide_at
+    s_th = float(np.quantile(all_q, 0.25)) if s_th is None else s_th
+    decide_at = 3 * float(np.median(all_q)) if decide_at is None else decide_at
     return {
         "s_th": s_th,
         "decide_at": decide_at,
@@ -391,6 +392,8 @@ def train_quality(
     feature_maps = torch.cat([f.contiguous() for _, f in outs]).float()
     all_labels = torch.cat([labels, labels])
     head.requires_grad_(False)
+    net.backbone.requires_grad_(False)
+    net.quality.requires_grad_(True)  # step 1 froze it
     net.quality.train()
 
     def step(idx: torch.Tensor):
@@ -468,10 +471,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--identities", type=int, default=30)
     p.add_argument("--tracks-per-identity", type=int, default=3)
     p.add_argument("--track-length", type=int, default=16)
-    p.add_argument(
-        "--s-th", type=float, default=None, help="quality threshold (default: median frame quality)"
-    )
-    p.add_argument("--decide-at", type=float, default=None, help="online decision point (default: 3 x s_th)")
+    p.add_argument("--s-th", type=float, default=None, help="quality threshold (default: lower quartile)")
+    p.add_argument("--decide-at", type=float, default=None, help="default: 3 x median frame quality")
     p.add_argument("--yaleb-set-size", type=int, default=8)
     p.add_argument("--faces", type=Path, default=FACES, help="real face sets root (part b)")
     p.add_argument("--no-yaleb", action="store_true", help="skip part (b)")

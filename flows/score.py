@@ -6,7 +6,8 @@
 Images (jpg/jpeg/png/bmp, any depth below FOLDER) are read whole, converted to RGB and resized to the
 model's input size: no face detection or alignment, so give it face crops. Files that cannot be read
 (empty, not an image, too large, truncated) are listed, skipped and counted; the command succeeds when
-at least one image was scored.
+at least one image was scored. The contact sheet shows at most SHEET_MAX_IMAGES, evenly spread along the
+quality order.
 """
 
 from __future__ import annotations

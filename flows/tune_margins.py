@@ -35,40 +35,19 @@ DEFAULT_SPACE = ROOT / "configs" / "tune_margins.yaml"
 
 # Which margins each family varies; the others stay neutral (m1 = 1, m2 = m3 = 0).
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "arcface": ("m2",),
-    "cosface": ("m3",),
-    "sphereface": ("m1",),
-    "combined": ("m1", "m2", "m3"),
+    "arcface": ("m2",), "cosface": ("m3",), "sphereface": ("m1",), "combined": ("m1", "m2", "m3"),
 }
 NEUTRAL = {"m1": 1.0, "m2": 0.0, "m3": 0.0}
 FORMS = ("outside", "angular")
 # Objective -> (direction in which it improves, the first step kind that reports it).
 METRICS: dict[str, tuple[str, int]] = {
-    "val_acc": ("max", 1),
-    "val_auc": ("max", 1),
-    "val_tar_far1e-3": ("max", 1),
-    "val_tar_far1e-2": ("max", 1),
-    "erc_auc_fmr1e-3": ("min", 2),
-    "erc_auc_fmr1e-2": ("min", 2),
-    "quality_spearman": ("min", 2),
+    "val_acc": ("max", 1), "val_auc": ("max", 1),
+    "val_tar_far1e-3": ("max", 1), "val_tar_far1e-2": ("max", 1),
+    "erc_auc_fmr1e-3": ("min", 2), "erc_auc_fmr1e-2": ("min", 2), "quality_spearman": ("min", 2),
 }
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
-SPACE_KEYS = (
-    "name",
-    "families",
-    "forms",
-    "scale",
-    "lr",
-    "quality_lr",
-    "steps",
-    "num_samples",
-    "metric",
-    "mode",
-    "asha",
-    "val_limit",
-    "seed",
-    "max_concurrent_trials",
-)
+SPACE_KEYS = ("name", "families", "forms", "scale", "lr", "quality_lr", "steps", "num_samples", "metric",
+              "mode", "asha", "val_limit", "seed", "max_concurrent_trials")
 # Ray Data's decode tasks each ask for one whole CPU: a search leaves that much free beside its trials.
 DATA_CPU_RESERVE = 1.0
 TRIAL_DRIVER_CPU = 0.01  # the per-trial driver only waits on its TorchTrainer (0 CPU is refused by Tune)
@@ -893,16 +872,18 @@ def finish_search(
 ) -> dict[str, Any]:
     space = args.space
     errors = len(results.errors)
+    no_best = RuntimeError(
+        f"no trial reported a finite {space.metric} ({errors} of {len(results)} trials failed; a NaN "
+        f"erc_auc_fmr1e-3 / val_tar_far1e-3 means the held-out set has too few impostor pairs for that FMR)"
+    )
     try:
         best = results.get_best_result(
             metric=space.metric, mode=space.mode, scope="last", filter_nan_and_inf=True
         )
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"no trial reported {space.metric} ({errors} of {len(results)} failed): {exc}"
-        ) from None
+    except RuntimeError:
+        raise no_best from None
     if best.metrics is None or space.metric not in best.metrics:
-        raise RuntimeError(f"no trial reported {space.metric} ({errors} of {len(results)} failed)")
+        raise no_best
     overrides = trial_overrides(best.config)
     value = float(best.metrics[space.metric])
     best_trial = best.metrics.get("trial_id", "?")

@@ -38,7 +38,10 @@ def submit_flow(stack: Stack, args: list[str], timeout: float = 900,
     env = {**os.environ, **stack.env()}
     # Only the tracking URI travels in the runtime env: S3 keys reach jobs through the Ray head's own
     # environment (infra.stack), never through job metadata that Ray logs.
-    job_env = {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"], **(extra_env or {})}
+    # RAY_ADDRESS pins the driver to this cluster's GCS: with several Ray clusters on one host (tests), Ray's
+    # own lookup can otherwise pick another one for helper actors.
+    job_env = {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+               "RAY_ADDRESS": f"127.0.0.1:{stack.services['ray'].info['gcs_port']}", **(extra_env or {})}
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", env["RAY_ADDRESS"], "--working-dir", str(ROOT),

@@ -22,11 +22,12 @@ def test_default_yaml_spells_out_the_dataclass_defaults():
 def test_overlays_and_overrides_apply_in_order(tmp_path):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("loss: {m2: 0.3}\nstep1: {epochs: 7}\n")
-    overrides = ["loss.m2=0.4", "scaling.num_workers=1", "data.augment.jpeg_quality=[50, 60]"]
+    overrides = ["loss.m2=0.4", "scaling.num_workers=1", "data.augment.jpeg_quality=[50, 60]", "step2.lr=1e-6"]
     cfg = load_config([DEFAULT, overlay], overrides)
     assert cfg.loss.m2 == 0.4
     assert cfg.step1.epochs == 7
     assert cfg.scaling.num_workers == 1
+    assert cfg.step2.lr == 1e-6  # YAML 1.1 reads 1e-6 as a string; numbers still parse
     assert cfg.data.augment.jpeg_quality == (50, 60)
     assert cfg.loss.m1 == Config().loss.m1  # untouched keys keep their defaults
 

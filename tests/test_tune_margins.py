@@ -137,16 +137,18 @@ def test_shipped_spaces_pass_and_sample_only_their_family_margins():
 
 def test_best_config_yaml_is_a_flow_override(tmp_path):
     sample = {"margins": {"family": "cosface", "m1": 1.0, "m2": 0.0, "m3": np.float64(0.35)},
-              "form": "outside", "scale": 64, "lr": 1e-6}
+              "form": "outside", "scale": 64, "lr": 1e-6, "quality_lr": 0.01}
     overrides = trial_overrides(sample)
     assert overrides == {"loss.m1": 1.0, "loss.m2": 0.0, "loss.m3": 0.35, "loss.form": "outside",
-                         "loss.scale": 64.0, "step1.lr": 1e-6}
+                         "loss.scale": 64.0, "step1.lr": 1e-6, "step2.lr": 0.01}
     path = tmp_path / "best.yaml"
     path.write_text(override_yaml(overrides, comment="best of a test"))
     assert yaml.safe_load(path.read_text()) == {
-        "loss": {"m1": 1.0, "m2": 0.0, "m3": 0.35, "form": "outside", "scale": 64.0}, "step1": {"lr": 1e-6}}
+        "loss": {"m1": 1.0, "m2": 0.0, "m3": 0.35, "form": "outside", "scale": 64.0}, "step1": {"lr": 1e-6},
+        "step2": {"lr": 0.01}}
     cfg = load_config([DEFAULT, path])
-    assert (cfg.loss.m3, cfg.loss.scale, cfg.step1.lr, cfg.loss.m2) == (0.35, 64.0, 1e-6, 0.0)
+    assert (cfg.loss.m3, cfg.loss.scale, cfg.loss.m2) == (0.35, 64.0, 0.0)
+    assert (cfg.step1.lr, cfg.step2.lr) == (1e-6, 0.01)
 
 
 def test_plan_trials_leaves_a_cpu_for_ray_data():
