@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from data import storage
 from data.pipeline import decode_batch, load_arrays
-from data.shards import DatasetError, read_manifest, shard_uris, write_dataset
+from data.shards import DatasetError, directory_state, read_manifest, shard_uris, write_dataset
 
 PAIRS_SCHEMA_VERSION = 1
 IMAGES_DIR = "images"
@@ -103,19 +103,7 @@ def _recording_labels(rows: Iterable[dict[str, Any]], labels: list[int]) -> Iter
 
 
 def _state(uri: str) -> str:
-    """'missing', 'complete' (has pairs.json), 'partial' (only our own entries) or 'foreign'."""
-    fs, path = storage.resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return "missing"
-    if info.type == pafs.FileType.File:
-        return "foreign"
-    names = {os.path.basename(e.path) for e in fs.get_file_info(pafs.FileSelector(path))}
-    if PAIRS_MANIFEST in names:
-        return "complete"
-    if not names:
-        return "missing"
-    return "partial" if names <= {IMAGES_DIR, PAIRS_FILE} else "foreign"
+    return directory_state(uri, PAIRS_MANIFEST, lambda n: n in (IMAGES_DIR, PAIRS_FILE))
 
 
 def write_pairs_dataset(

@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,8 +122,9 @@ def _image_size_of(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _dataset_state(uri: str) -> str:
-    """'missing', 'complete' (has manifest), 'partial' (only our shard files) or 'foreign'."""
+def directory_state(uri: str, marker: str, is_own: Callable[[str], bool]) -> str:
+    """'missing', 'complete' (holds `marker`, written last), 'partial' (only entries `is_own` accepts) or
+    'foreign' (anything else: never overwritten)."""
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -132,11 +133,15 @@ def _dataset_state(uri: str) -> str:
         return "foreign"
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     names = {os.path.basename(e.path) for e in entries}
-    if MANIFEST_NAME in names:
+    if marker in names:
         return "complete"
-    if all(n.startswith("part-") and n.endswith(".parquet") for n in names):
-        return "partial" if names else "missing"
-    return "foreign"
+    if not names:
+        return "missing"
+    return "partial" if all(is_own(n) for n in names) else "foreign"
+
+
+def _dataset_state(uri: str) -> str:
+    return directory_state(uri, MANIFEST_NAME, lambda n: n.startswith("part-") and n.endswith(".parquet"))
 
 
 class _ShardWriter:

@@ -18,6 +18,7 @@ from evaluation import error_versus_discard, flip_sum_embeddings, make_pairs, pa
 from evaluation.baselines import laplacian_variance, random_quality
 from evaluation.plots import plot_erc, plot_quality_grid, plot_quality_histogram
 from evaluation.quality_assessment import quality_correlation
+from evaluation.verification import count_available_pairs
 
 MAX_PAIRS_PER_KIND = 3000
 
@@ -41,7 +42,7 @@ def validation_metrics(
     """Metrics and PNG artifacts for one step. `quality_net` is None where the step has no quality branch."""
     emb, _ = embed(embed_net, val["image"])
     labels = val["label"]
-    genuine_avail, impostor_avail = _pair_counts(labels)
+    genuine_avail, impostor_avail = count_available_pairs(labels)
     n = min(MAX_PAIRS_PER_KIND, genuine_avail, impostor_avail)
     pairs, is_same = make_pairs(labels, n, n, seed=seed)
     ver = verify(emb[pairs[:, 0]], emb[pairs[:, 1]], is_same)
@@ -78,13 +79,6 @@ def validation_metrics(
         plots["quality_extremes.png"] = plot_quality_grid(val["image"], quality, n=8,
                                                           title="lowest (top) and highest (bottom) quality")
     return metrics, plots
-
-
-def _pair_counts(labels: np.ndarray) -> tuple[int, int]:
-    _, counts = np.unique(labels, return_counts=True)
-    genuine = int((counts * (counts - 1) // 2).sum())
-    total = len(labels) * (len(labels) - 1) // 2
-    return genuine, total - genuine
 
 
 def _finite_or_nan(value: Any) -> float:
