@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data import storage
 from data.augment import AugmentConfig, augment_image
-from data.pipeline import decode_image, normalise, training_dataset
+from data.pipeline import decode_image, normalise, to_model_input, training_dataset
 from data.shards import shard_uris
 from data.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
@@ -81,7 +81,7 @@ def time_ray(uri: str, image_size: int, augment: AugmentConfig, batch_size: int,
         batches = ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=1000,
                                         local_shuffle_seed=epoch)
         for batch in batches:
-            n += batch["image"].shape[0]
+            n += to_model_input(batch["image"]).shape[0]  # the same float (B,3,H,W) the DataLoader yields
         rates.append(n / (time.perf_counter() - start))
     return rates
 

@@ -18,8 +18,10 @@ Reproducibility
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import posixpath
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +36,13 @@ from data.shards import DatasetError, read_manifest, shard_uris
 if TYPE_CHECKING:
     import ray.data
     import ray.train
+    import torch
 
 log = logging.getLogger(__name__)
 
 STRING_COLUMNS = ("image", "identity", "source")
 _corrupt_rows_skipped = 0  # per process; Ray Data tasks each count their own
+_skipped_rows: list[str] = []  # where the skipped rows were, until a tally (see corrupt_row_tally) takes them
 
 
 def corrupt_rows_skipped() -> int:
@@ -52,19 +56,97 @@ def normalise(pixels_hwc_uint8: np.ndarray) -> np.ndarray:
     return np.moveaxis(x, -1, -3)
 
 
-def decode_image(data: bytes, image_size: int) -> Image.Image:
-    """Bytes -> RGB PIL image of image_size x image_size (greyscale becomes 3 equal channels)."""
+def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], on the tensor's device: `normalise` in torch."""
+    return pixels.permute(0, 3, 1, 2).float().mul_(2.0 / 255.0).sub_(1.0).contiguous()
+
+
+class WrongImageSize(ValueError):
+    """An image whose size is not the one its dataset's manifest states (e.g. a shard from another dataset)."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: greyscale repeated, alpha dropped, CMYK converted, 16-bit / 32-bit / float
+    rescaled (PIL's own convert("RGB") clips those to near-white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, image_size: int, expect_size: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image of image_size x image_size (greyscale becomes 3 equal channels).
+
+    expect_size=(width, height), the size a dataset's manifest states: an image of another size raises
+    WrongImageSize (from the header, before decoding) instead of being resized silently.
+    """
     with Image.open(io.BytesIO(data)) as img:
+        if expect_size is not None and img.size != tuple(expect_size):
+            raise WrongImageSize(f"image is {img.width}x{img.height} px, the dataset's manifest says "
+                                 f"{expect_size[0]}x{expect_size[1]}")
         img.load()
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
     return rgb
 
 
-def _row_name(batch: dict[str, np.ndarray], i: int) -> str:
+def _row_name(batch: dict[str, np.ndarray], i: int, dataset: str | None = None) -> str:
+    """'<shard> row N (identity=.., source=..)' when the batch carries its shard's path (Ray Data's
+    include_paths, load_arrays) and the dataset URI is known; else 'row i of batch (...)'."""
     parts = [f"{key}={batch[key][i]!s}" for key in ("identity", "source") if key in batch]
-    return f"row {i} of batch ({', '.join(parts)})" if parts else f"row {i} of batch"
+    suffix = f" ({', '.join(parts)})" if parts else ""
+    if dataset and "path" in batch:
+        shard = storage.join(dataset, posixpath.basename(str(batch["path"][i])))
+        row = int(batch["row"][i]) if "row" in batch else _row_in_shard(shard, batch, i)
+        return f"{shard} row {'?' if row is None else row}{suffix}"
+    return f"row {i} of batch{suffix}"
+
+
+@functools.lru_cache(maxsize=4)
+def _shard_sources(shard_uri: str) -> list:
+    fs, path = storage.resolve(shard_uri)
+    return pq.read_table(path, filesystem=fs, columns=["source"]).column("source").to_pylist()
+
+
+def _row_in_shard(shard_uri: str, batch: dict[str, np.ndarray], i: int) -> int | None:
+    """Row of batch row i within its shard file, found by its source (then its bytes if sources repeat):
+    Ray Data does not say where in a file a block starts. Runs only on the error/skip path."""
+    try:
+        sources = _shard_sources(shard_uri)
+        want = str(batch["source"][i]) if "source" in batch else None
+        rows = [r for r, s in enumerate(sources) if want is None or s == want]
+        if len(rows) > 1:
+            fs, path = storage.resolve(shard_uri)
+            images = pq.read_table(path, filesystem=fs, columns=["image"]).column("image")
+            data = bytes(batch["image"][i] or b"")
+            rows = [r for r in rows if (images[r].as_py() or b"") == data]
+        return rows[0] if rows else None
+    except Exception:  # noqa: BLE001 - naming the row must never hide the error being reported
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _manifest_size(dataset: str) -> tuple[int, int] | None:
+    """(width, height) the dataset's manifest states for every image; None for a mixed-size dataset."""
+    size = read_manifest(dataset).image_size
+    return (int(size[1]), int(size[0])) if size else None
+
+
+def _bad_image(e: Exception) -> tuple[str, str]:
+    """(what, why) of an image that failed to decode, in words (PIL's own message names a BytesIO)."""
+    if isinstance(e, WrongImageSize):
+        return "wrong-size image", str(e)
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "corrupt image", "not an image PIL can identify"
+    return "corrupt image", f"{type(e).__name__}: {e}"
 
 
 def _row_key(batch: dict[str, np.ndarray], i: int) -> int:
@@ -81,12 +163,19 @@ def decode_batch(
     seed: int,
     skip_corrupt: bool = False,
     nonce: int | None = 0,
+    pixels_only: bool = False,
+    dataset: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode + augment + normalise one batch of rows.
 
     Returns {"image": float32 (B,3,H,W) in [-1,1], "label": int64 (B,), numeric passthrough columns}.
+    pixels_only=True skips the normalisation and returns "image" as uint8 (B,H,W,3): a quarter of the bytes
+    through Ray's object store and the shuffle buffer; the training loop normalises on its device
+    (`to_model_input`).
     String columns (identity, source, degradation_type, ...) are dropped so the batch converts to tensors.
     nonce=None draws fresh randomness for augmentation (see the module docstring).
+    dataset: the URI the rows come from. Then an image whose size differs from the one its manifest states
+    is refused like a corrupt one, and errors name the shard and row (with a "path" column in the batch).
     """
     global _corrupt_rows_skipped
     images = batch["image"]
@@ -94,24 +183,30 @@ def decode_batch(
     keep: list[int] = []
     pixels: list[np.ndarray] = []
     batch_nonce = int(np.random.SeedSequence().entropy % 2**63) if nonce is None else nonce
+    expect_size = _manifest_size(dataset) if dataset else None
     for i in range(n):
         try:
             data = images[i]
             if data is None or len(data) == 0:
                 raise ValueError("empty image bytes")
-            img = decode_image(bytes(data), image_size)
+            img = decode_image(bytes(data), image_size, expect_size)
         except Exception as e:
+            what, why = _bad_image(e)
+            where = _row_name(batch, i, dataset)
             if not skip_corrupt:
-                raise DatasetError(f"corrupt image at {_row_name(batch, i)}: {e}") from e
+                raise DatasetError(f"{what} at {where}: {why}") from e
             _corrupt_rows_skipped += 1
-            log.warning("skipping corrupt image at %s: %s", _row_name(batch, i), e)
+            _skipped_rows.append(where)
+            log.warning("skipping %s at %s: %s", what, where, why)
             continue
         if augment is not None:
             rng = np.random.default_rng([seed, _row_key(batch, i), batch_nonce])
             img = augment_image(img, augment, rng)
         keep.append(i)
         pixels.append(np.asarray(img, dtype=np.uint8))
-    if pixels:
+    if pixels_only:
+        image = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), dtype=np.uint8)
+    elif pixels:
         image = normalise(np.stack(pixels))
     else:
         image = np.zeros((0, 3, image_size, image_size), dtype=np.float32)
@@ -119,7 +214,7 @@ def decode_batch(
     idx = np.asarray(keep, dtype=np.int64)
     out["label"] = np.asarray(batch["label"])[idx].astype(np.int64)
     for name, col in batch.items():
-        if name in out or name in STRING_COLUMNS:
+        if name in out or name in STRING_COLUMNS or name == "row":  # "row": where it came from, not data
             continue
         arr = np.asarray(col)
         if arr.dtype.kind == "f":
@@ -145,20 +240,53 @@ def dataset_error_from(exc: BaseException) -> DatasetError | None:
         if isinstance(e, DatasetError):
             return e
         pending += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        pending += list((getattr(e, "worker_failures", None) or {}).values())  # Ray Train's WorkerGroupError
+    # A WorkerGroupError's own text is a truncated snippet; its workers' errors hold the whole message.
+    texts = [str(e) for e in (exc, *(getattr(exc, "worker_failures", None) or {}).values())]
     marker = f"{DatasetError.__module__}.{DatasetError.__name__}: "
-    for line in reversed(str(exc).splitlines()):
-        for prefix in (marker, "DatasetError: "):
-            if prefix in line:
-                return DatasetError(line.split(prefix, 1)[1].strip())
+    for text in reversed(texts):
+        for line in reversed(text.splitlines()):
+            for prefix in (marker, "DatasetError: "):
+                if prefix in line:
+                    return DatasetError(line.split(prefix, 1)[1].strip())
     return None
 
 
-def _ray_read_inputs(uri: str) -> tuple[Any, list[str], int, int]:
-    manifest = read_manifest(uri)
-    uris = shard_uris(uri)
-    fs, _ = storage.resolve(uri)
-    paths = [storage.resolve(u)[1] for u in uris]
-    return fs, paths, manifest.num_samples, len(uris)
+def read_row_groups(uri: str) -> ray.data.Dataset:
+    """The dataset's rows as a Ray Dataset whose unit of work is one Parquet row group, not one shard.
+
+    `ray.data.read_parquet` makes one read task per file, and the decode map fused with it then decodes a
+    whole shard in that one task: a dataset of few shards decodes on one core and yields nothing until the
+    shard is done (measured: the first batch of each epoch arrived only after the whole 4,000-image default
+    set was decoded). Row groups (data.shards.ROW_GROUP_BYTES) are small enough to spread over every CPU and
+    to stream. Rows carry "path" (the shard, as read_parquet's include_paths gives it) and "row" (the row in
+    that shard), so errors name the exact row. Tasks get URIs, never a filesystem object: S3 credentials
+    stay in the environment, out of task specs.
+    """
+    import ray.data
+
+    read_manifest(uri)  # a clear error for a missing or unfinished dataset, before any task runs
+    units = []
+    for shard in shard_uris(uri):
+        fs, path = storage.resolve(shard)
+        metadata = pq.read_metadata(path, filesystem=fs)
+        first = 0
+        for group in range(metadata.num_row_groups):
+            units.append({"shard": shard, "row_group": group, "first_row": first})
+            first += metadata.row_group(group).num_rows
+    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        _read_row_group, batch_size=1, batch_format="numpy")
+
+
+def _read_row_group(unit: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    shard, group, first = str(unit["shard"][0]), int(unit["row_group"][0]), int(unit["first_row"][0])
+    fs, path = storage.resolve(shard)
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read_row_group(group)
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    batch["path"] = np.full(table.num_rows, path, dtype=object)
+    batch["row"] = np.arange(first, first + table.num_rows, dtype=np.int64)
+    return batch
 
 
 def training_dataset(
@@ -170,21 +298,20 @@ def training_dataset(
     skip_corrupt: bool = False,
     batch_size: int = 256,
     augment_per_epoch: bool = True,
+    tally: Any = None,
 ) -> ray.data.Dataset:
     """Ray Dataset of decoded (and augmented) batches, read from the shards listed in the manifest.
 
-    Decoding and augmentation run in parallel Ray Data tasks, never in the training loop. The training
+    Decoding and augmentation run in parallel Ray Data tasks, never in the training loop. Rows carry
+    uint8 (H, W, 3) pixels; the worker turns a batch into model input with `to_model_input`. The training
     worker calls `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...,
     local_shuffle_buffer_size=..., local_shuffle_seed=seed + epoch)`.
+    Errors name the shard and row. tally: a `corrupt_row_tally()` actor that collects the rows skipped with
+    skip_corrupt=True (each Ray Data task only knows its own).
     """
-    import ray.data
-
-    fs, paths, num_samples, num_shards = _ray_read_inputs(uri)
-    # Split shards into blocks of ~batch_size rows so decoding spreads over the CPUs even with one shard.
-    num_blocks = max(num_shards, min(200, -(-num_samples // batch_size)))
-    ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=num_blocks)
+    ds = read_row_groups(uri)  # with "path" and "row" columns: a bad row is named by its shard and row
     return ds.map_batches(
-        decode_batch,
+        decode_batch if tally is None else _decode_and_tally,
         batch_size=batch_size,
         batch_format="numpy",
         zero_copy_batch=True,
@@ -194,8 +321,42 @@ def training_dataset(
             "seed": seed,
             "skip_corrupt": skip_corrupt,
             "nonce": None if augment_per_epoch else 0,
+            "pixels_only": True,
+            "dataset": uri,
+            **({} if tally is None else {"tally": tally}),
         },
     )
+
+
+class _RowTally:
+    """Where the skipped rows were, from every Ray Data task (a set: each epoch decodes them again)."""
+
+    def __init__(self) -> None:
+        self.rows: set[str] = set()
+
+    def add(self, rows: list[str]) -> None:
+        self.rows.update(rows)
+
+    def skipped(self) -> list[str]:
+        return sorted(self.rows)
+
+
+def corrupt_row_tally():
+    """A Ray actor for `training_dataset(tally=...)`; `ray.get(tally.skipped.remote())` lists the rows."""
+    import ray
+
+    return ray.remote(num_cpus=0)(_RowTally).remote()
+
+
+def _decode_and_tally(batch: dict[str, np.ndarray], *, tally: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+    del _skipped_rows[:]
+    out = decode_batch(batch, **kwargs)
+    if _skipped_rows:
+        import ray
+
+        ray.get(tally.add.remote(list(_skipped_rows)))  # waited for: the task may end right after
+        del _skipped_rows[:]
+    return out
 
 
 def ingest_data_config(preserve_order: bool = True) -> ray.train.DataConfig:
@@ -233,10 +394,8 @@ def load_arrays(
         table = table.slice(0, remaining)
         remaining -= table.num_rows
         batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in want}
-        try:
-            decoded = decode_batch(batch, image_size=image_size, augment=None, seed=0)
-        except DatasetError as e:
-            raise DatasetError(f"{shard_uri}: {e}") from e
+        batch["path"] = np.full(table.num_rows, storage.resolve(shard_uri)[1], dtype=object)  # names bad rows
+        decoded = decode_batch(batch, image_size=image_size, augment=None, seed=0, dataset=uri)
         images.append(decoded["image"])
         labels.append(decoded["label"])
         for c in extras:

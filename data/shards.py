@@ -32,7 +32,9 @@ REQUIRED_COLUMNS: dict[str, pa.DataType] = {
     "identity": pa.string(),
     "source": pa.string(),
 }
-ROW_GROUP_BYTES = 8 * 2**20  # several row groups per shard lets readers stream a shard in pieces
+# Row groups are the unit of parallel reading and decoding (data.pipeline.read_row_groups): ~1 MiB of
+# encoded images (a few hundred faces) spreads even a one-shard dataset over every CPU and streams it.
+ROW_GROUP_BYTES = 2**20
 
 
 class DatasetError(ValueError):
@@ -471,6 +473,15 @@ def _validate_shard(fs: pafs.FileSystem, shard_uri: str, shard: dict[str, Any], 
     for name in manifest.columns:
         if name not in schema.names:
             raise DatasetError(f"{shard_uri}: missing column {name!r} listed in the manifest")
+    # Every shard of one dataset has the manifest's schema: anything else was copied in from another dataset.
+    extra = [n for n in schema.names if n not in manifest.columns]
+    if extra:
+        raise DatasetError(f"{shard_uri}: column(s) {extra} are not in the manifest's columns "
+                           f"{manifest.columns} (a shard from another dataset?)")
+    for name, recorded in manifest.column_types.items():
+        if name in schema.names and not _same_type(str(schema.field(name).type), recorded):
+            raise DatasetError(f"{shard_uri}: column {name!r} has type {schema.field(name).type}, the manifest "
+                               f"says {recorded} (a shard from another dataset?)")
     row0 = 0
     for batch in parquet.iter_batches(batch_size=1024):
         _validate_rows(shard_uri, row0, batch, manifest, label_counts, decode_images)
@@ -501,14 +512,25 @@ def _validate_rows(shard_uri: str, row0: int, batch: pa.RecordBatch, manifest: M
             raise DatasetError(f"{shard_uri}: row {row0 + i}: identity {identities[i]!r} does not match "
                                f"label_to_identity[{labels_np[i]}]")
         if decode_images:
-            _check_decodes(data, f"{shard_uri}: row {row0 + i} (identity {identities[i]!r})")
+            _check_decodes(data, f"{shard_uri}: row {row0 + i} (identity {identities[i]!r})", manifest.image_size)
 
 
-def _check_decodes(data: bytes, where: str) -> None:
+def _same_type(actual: str, recorded: str) -> bool:
+    """Arrow type names equal up to large_ variants and list field names (Parquet calls list items 'element')."""
+    def norm(t: str) -> str:
+        return t.replace("large_", "").replace("element: ", "").replace("item: ", "")
+    return norm(actual) == norm(recorded)
+
+
+def _check_decodes(data: bytes, where: str, image_size: list[int] | None = None) -> None:
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            size = (img.height, img.width)
     except Exception as e:
         raise DatasetError(f"{where}: image does not decode: {e}") from e
+    if image_size and list(size) != list(image_size):
+        raise DatasetError(f"{where}: image is {size[1]}x{size[0]} px, the manifest says "
+                           f"{image_size[1]}x{image_size[0]} (a shard from another dataset?)")

@@ -9,6 +9,10 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
+# Attempts per S3 request (AWS_MAX_ATTEMPTS, as in the AWS SDKs and CLI). The AWS standard strategy waits
+# up to 2^n x (0-1) s between attempts (at most 20 s): 10 attempts ride out an outage of ~half a minute
+# or more; pyarrow's own default of 3 gives up after about a second.
+DEFAULT_S3_ATTEMPTS = 10
 
 
 def is_s3(uri: str) -> bool:
@@ -26,6 +30,36 @@ def _s3_endpoint() -> tuple[str | None, str]:
     return parsed.netloc, parsed.scheme or "https"
 
 
+class S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with the AWS standard retry strategy, kept when pickled: pyarrow's own
+    __reduce__ leaves the strategy out, so Ray Data read tasks and Ray Train workers (which get the
+    filesystem pickled) would silently fall back to 3 attempts."""
+
+    def __init__(self, max_attempts: int = DEFAULT_S3_ATTEMPTS, **kwargs) -> None:
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self.max_attempts = max_attempts
+
+    def __reduce__(self):
+        _, (kwargs,) = super().__reduce__()
+        kwargs.pop("retry_strategy", None)  # in case a later pyarrow pickles it too
+        return _rebuild_s3, (self.max_attempts, kwargs)
+
+
+def _rebuild_s3(max_attempts: int, kwargs: dict) -> S3FileSystem:
+    return S3FileSystem(max_attempts=max_attempts, **kwargs)
+
+
+def s3_attempts() -> int:
+    raw = os.environ.get("AWS_MAX_ATTEMPTS", "")
+    try:
+        attempts = int(raw) if raw else DEFAULT_S3_ATTEMPTS
+    except ValueError:
+        raise ValueError(f"AWS_MAX_ATTEMPTS must be a whole number >= 1, got {raw!r}") from None
+    if attempts < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS must be a whole number >= 1, got {raw!r}")
+    return attempts
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """S3FileSystem configured from the standard AWS environment variables (credentials are never logged)."""
     endpoint, scheme = _s3_endpoint()
@@ -41,7 +75,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     # Otherwise pyarrow falls back to the default AWS credential chain (profiles, instance roles).
-    return pafs.S3FileSystem(**kwargs)
+    return S3FileSystem(max_attempts=s3_attempts(), **kwargs)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from data import storage
 from data.shards import DatasetError, read_manifest, write_dataset
 
-GENERATOR_VERSION = 2  # bump when rendering changes so cached datasets are regenerated
+GENERATOR_VERSION = 3  # bump when rendering changes so cached datasets are regenerated
 DEGRADATION_TYPES = ("blur", "noise", "lowres", "occlusion", "jpeg", "mixed")
 SPLITS = {"train": 1, "val": 2}
 

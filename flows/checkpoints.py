@@ -41,17 +41,60 @@ def checkpoint_uri(checkpoint) -> str:
     return checkpoint.path
 
 
-def from_uri(uri: str):
-    """ray.train.Checkpoint for a URI recorded in MLflow; a clear error when it is gone."""
+def from_uri(uri: str, net_only: bool = False):
+    """ray.train.Checkpoint for a URI recorded in MLflow; a clear error when it is gone or incomplete.
+    `net_only`: only the network will be read (evaluation), not the training state."""
     from ray.train import Checkpoint
 
     fs, path = storage.resolve(uri)
+    check_complete(fs, path, uri, net_only)
+    return Checkpoint(path=path, filesystem=fs)
+
+
+def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
+    """The checkpoint's meta, once every file it needs is there; FileNotFoundError naming what is missing.
+
+    Ray uploads a checkpoint's files in parallel, in no set order, so an upload cut short can leave
+    meta.json without state.pt: presence of meta.json alone does not make a checkpoint whole. S3 objects
+    appear whole or not at all, so a file that is listed is complete.
+    """
     import pyarrow.fs as pafs
 
-    info = fs.get_file_info(storage.resolve(storage.join(uri, META_FILE))[1])
-    if info.type != pafs.FileType.File:
-        raise FileNotFoundError(f"checkpoint {uri} is missing or incomplete (no {META_FILE})")
-    return Checkpoint(path=path, filesystem=fs)
+    listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    sizes = {info.base_name: info.size for info in listing if info.type == pafs.FileType.File}
+    if META_FILE not in sizes:
+        what = "is missing" if not sizes else f"is incomplete (no {META_FILE}; has {', '.join(sorted(sizes))})"
+        raise FileNotFoundError(f"checkpoint {uri} {what}")
+    with fs.open_input_stream(f"{path}/{META_FILE}") as f:
+        try:
+            meta = json.loads(f.read())
+        except ValueError:
+            meta = None
+    if not isinstance(meta, dict):
+        raise FileNotFoundError(f"checkpoint {uri} is incomplete ({META_FILE} is not a JSON object)")
+    missing = [name for name in ((NET_FILE,) if net_only else (STATE_FILE, NET_FILE)) if not sizes.get(name)]
+    if not net_only:
+        missing += _missing_centres(list(sizes), meta.get("num_classes"))
+    if missing:
+        raise FileNotFoundError(f"checkpoint {uri} is incomplete (missing {', '.join(missing)})")
+    return meta
+
+
+def _missing_centres(names: list[str], num_classes: int | None) -> list[str]:
+    """What the centres_<start>_<end>.pt files lack to tile [0, num_classes) (one file per writing rank)."""
+    from models.partial_fc import SHARD_FILE
+
+    shards = sorted((int(m.group(1)), int(m.group(2))) for m in map(SHARD_FILE.match, names) if m)
+    if not shards:
+        return ["centres_<start>_<end>.pt"]
+    covered = 0
+    for start, end in shards:
+        if start != covered:
+            break
+        covered = end
+    if num_classes is not None and covered != num_classes:
+        return [f"the class centres from {covered} to {num_classes}"]
+    return []
 
 
 def save_centres(head: torch.nn.Module, directory: Path) -> None:
@@ -98,8 +141,65 @@ def load_net_from(path_or_uri: str):
         from models import load_eqface_net
 
         return load_eqface_net(path_or_uri).eval()
-    return load_net(from_uri(path_or_uri))
+    return load_net(from_uri(path_or_uri, net_only=True))
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="eqface-ckpt-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage that refuses a checkpoint
+
+
+class CheckpointStorageError(RuntimeError):
+    """A checkpoint could not be written because the storage refuses it (full, read-only, no permission).
+
+    Ray Train still retries it `flow.max_failures` times, each from the last checkpoint (space may be freed
+    meanwhile); the checkpoints written before stay whole, since a failed one is never registered.
+    """
+
+
+def _storage_reasons() -> dict[int, str]:
+    import errno
+
+    return {errno.ENOSPC: "storage is full (no space left on device)", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "storage is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why a write failed when the storage itself refused it, else None. pyarrow's OSErrors often carry
+    the errno only in their text ("[errno 28] No space left on device"), so both are read."""
+    import re
+
+    reasons = _storage_reasons()
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) in reasons:
+            return reasons[e.errno]
+        for code in re.findall(r"\[errno (\d+)\]", str(e), flags=re.IGNORECASE):
+            if int(code) in reasons:
+                return reasons[int(code)]
+        pending += [e.__cause__, e.__context__]
+    return None
+
+
+def storage_error_from(exc: BaseException, storage_uri: str) -> CheckpointStorageError | None:
+    """The storage failure behind a Ray Train failure (worker or controller side), as one clear error.
+
+    Ray hands the driver the workers' errors as formatted tracebacks, so the worker's own message is
+    recovered from the text; a failure outside it (the controller writing its run state) is named here.
+    """
+    marker = f"{CheckpointStorageError.__name__}: "
+    for line in reversed(str(exc).splitlines()):
+        if marker in line:
+            return CheckpointStorageError(line.split(marker, 1)[1].strip())
+    reason = storage_failure(exc)
+    if reason is None:
+        return None
+    return CheckpointStorageError(f"cannot write Ray Train's checkpoints or run state to {storage_uri}: {reason}")

@@ -49,6 +49,11 @@ class DataConfig:
     # Default is to stop at the first corrupt image; True drops and counts them instead.
     skip_corrupt: bool = False
     shuffle_buffer: int = 2048
+    # Bit-reproducible input (off by default: it costs ingest throughput): Ray Data keeps its block order and
+    # each row gets the same augmentation every epoch. With scaling.num_workers 1 and a fixed
+    # scaling.threads_per_worker, a step's weights are then the same run after run, and after a restart from a
+    # checkpoint (with several workers, which rows each one gets still varies).
+    deterministic: bool = False
 
 
 @dataclass
@@ -112,6 +117,9 @@ class Step3Config(StepConfig):
     init: str = "continue"
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ScalingConfig:
     num_workers: int = 2
@@ -121,6 +129,9 @@ class ScalingConfig:
     # torch intra-op threads per worker; 0 = cores of this node / num_workers.
     threads_per_worker: int = 0
     amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 on GPU only)
+    # Ray placement group strategy of the workers: PACK fills a node first; SPREAD puts them on different
+    # nodes where it can (STRICT_* make it a hard requirement).
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -128,6 +139,9 @@ class TrackingConfig:
     # Empty = $MLFLOW_TRACKING_URI, else http://127.0.0.1:5000.
     uri: str = ""
     experiment: str = "eqface"
+    # The longest MLflow outage a flow rides out: training goes on and metrics wait in memory; past this,
+    # the step fails (its checkpoints stay; a resume sends the metrics it could not).
+    max_outage_s: float = 300.0
 
 
 @dataclass
@@ -329,12 +343,15 @@ def validate(cfg: Config) -> None:
     check(bool(cfg.flow.name) and "/" not in cfg.flow.name, "flow.name", "must be a non-empty name without '/'")
     check(cfg.flow.max_failures >= 0, "flow.max_failures", "must be >= 0")
     check(cfg.flow.checkpoints_to_keep >= 1, "flow.checkpoints_to_keep", "must be >= 1")
+    check(cfg.tracking.max_outage_s > 0, "tracking.max_outage_s", f"must be > 0, got {cfg.tracking.max_outage_s}")
     check(cfg.scaling.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {cfg.scaling.num_workers}")
     check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
     check(cfg.scaling.amp in ("none", "bf16", "fp16"), "scaling.amp",
           f"must be none, bf16 or fp16, got {cfg.scaling.amp!r}")
     check(not (cfg.scaling.amp == "fp16" and not cfg.scaling.use_gpu), "scaling.amp",
           "fp16 autocast needs use_gpu: true (use bf16 on CPU)")
+    check(cfg.scaling.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy",
+          f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {cfg.scaling.placement_strategy!r}")
     if cfg.data.train != "synthetic":
         check(bool(cfg.data.val), "data.val", "a held-out dataset URI is required when data.train is a URI")
     check(cfg.data.synthetic.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")

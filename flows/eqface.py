@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ if __package__ in (None, ""):  # run as a script (`python flows/eqface.py`): the
 from flows.config import Config, ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+LEASE_NAMESPACE = "eqface-train-runs"
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ def prepare_datasets(cfg: Config) -> Datasets:
     else:
         train_uri, val_uri = cfg.data.train, cfg.data.val
     manifest = validate_dataset(train_uri, check_checksums=False)
-    if val_uri:
-        validate_dataset(val_uri, check_checksums=False)
+    if val_uri:  # decoded now (it is small): a bad held-out image would otherwise fail a step after training
+        validate_dataset(val_uri, check_checksums=False, decode_images=True)
     return Datasets(train_uri, val_uri, manifest.num_classes, manifest.num_samples)
 
 
@@ -72,35 +74,115 @@ def run_step(cfg: Config, step: PlannedStep, data: Datasets, run_id: str, tracki
     from ray.train.torch import TorchTrainer
 
     from data import storage
-    from data.pipeline import training_dataset
-    from flows.train_step import StepSpec, train_loop_per_worker
+    from data.pipeline import corrupt_row_tally, ingest_data_config, training_dataset
+    from flows import checkpoints
+    from flows.train_step import DIVERGED_MARKER, StepSpec, read_divergence, train_loop_per_worker
 
     spec = StepSpec(step.kind, step.index, step.loop, data.num_classes, run_id, tracking_uri,
                     init_checkpoint=init_ckpt, teacher_checkpoint=teacher_ckpt)
+    tally = corrupt_row_tally() if cfg.data.skip_corrupt else None  # counts what the decode tasks skip
     dataset = training_dataset(data.train, image_size=cfg.data.image_size, augment=cfg.data.augment,
-                               seed=cfg.flow.seed + step.index, skip_corrupt=cfg.data.skip_corrupt)
+                               seed=cfg.flow.seed + step.index, skip_corrupt=cfg.data.skip_corrupt, tally=tally,
+                               augment_per_epoch=not cfg.data.deterministic)
     fs, storage_path = storage.resolve(cfg.flow.storage)
     if not storage.is_s3(cfg.flow.storage):
         os.makedirs(storage_path, exist_ok=True)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
+    marker = storage.join(cfg.flow.storage, ray_run_name, DIVERGED_MARKER)
+    if storage.exists(marker):  # a resumed step that diverged before: it gets its try, from its last checkpoint
+        fs.delete_file(storage.resolve(marker)[1])
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "step": spec, "samples": data.num_train},
+        train_loop_config={"config": cfg.to_dict(), "step": spec, "samples": data.num_train,
+                           "diverged_marker": marker},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=ray_run_name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.flow.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.flow.checkpoints_to_keep),
         ),
         datasets={"train": dataset},
+        dataset_config=ingest_data_config(preserve_order=True) if cfg.data.deterministic else None,
     )
-    result = trainer.fit()
+    try:
+        with train_run_lease(ray_run_name):
+            result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        storage_error = checkpoints.storage_error_from(exc, cfg.flow.storage)
+        if storage_error is None:
+            raise
+        raise storage_error from None  # one line; Ray has logged the workers' tracebacks
+    if tally is not None:
+        from flows.preflight import report_skipped_rows
+
+        report_skipped_rows(tally, f"step {step.index}", run_id, tracking_uri)
+    diverged = read_divergence(marker)
+    if diverged is not None:
+        raise _divergence(diverged, result.checkpoint)
     if result.checkpoint is None:
         raise RuntimeError(f"step {step.index}: Ray Train returned no checkpoint")
     return result.checkpoint
+
+
+def _divergence(record: dict, last_good):
+    """The one-line error of a diverged step: where, and which checkpoint is the last good one."""
+    from flows import checkpoints
+    from flows.train_step import NonFiniteLossError
+
+    if last_good is None:
+        kept = "no checkpoint of this step (it diverged before its first)"
+    else:
+        kept = f"last good checkpoint {checkpoints.checkpoint_uri(last_good)} (epoch {record['epoch'] - 1})"
+    return NonFiniteLossError(f"{record['message']}; not retried; {kept}", last_good=last_good)
+
+
+class _RunLease:
+    """A named actor per Ray Train run name, owned by the driver that trains it (it dies with that driver)."""
+
+    def holder(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_job_id()
+
+
+@contextmanager
+def train_run_lease(name: str, timeout_s: float = 60.0):
+    """Only one driver at a time may train a Ray Train run name: a resumed step reuses its name, hence its
+    storage directory and checkpoints, and two controllers would write one run. The name is held by an
+    actor that Ray kills with its driver, so after a killed driver it frees once Ray has torn that driver's
+    actors (controller, workers) down; a name still held after timeout_s belongs to a live submission."""
+    import time
+
+    import ray
+
+    lease_cls = ray.remote(num_cpus=0)(_RunLease)
+    deadline, waited = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            lease = lease_cls.options(name=f"run:{name}", namespace=LEASE_NAMESPACE).remote()
+            break
+        except ValueError:  # the name is taken
+            if time.monotonic() > deadline:
+                try:
+                    other = ray.get_actor(f"run:{name}", namespace=LEASE_NAMESPACE)
+                    holder = ray.get(other.holder.remote(), timeout=10)
+                except Exception:  # noqa: BLE001 - it went meanwhile, or does not answer: the message still holds
+                    holder = "unknown"
+                raise RuntimeError(
+                    f"Ray Train run '{name}' is still being trained by Ray job {holder}: another submission of this "
+                    f"flow is running this step; stop it (ray job stop) or wait for it to finish") from None
+            if not waited:
+                print(f"[eqface] waiting for the previous driver of Ray Train run '{name}' to be torn down", flush=True)
+                waited = True
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        ray.kill(lease)
 
 
 def validate_step(cfg: Config, step: PlannedStep, data: Datasets, ckpt, teacher_ckpt):
@@ -137,7 +219,7 @@ def check_ray_address(timeout: float = 5.0) -> None:
 def run_flow(cfg: Config) -> dict[str, str]:
     import ray
 
-    from flows import checkpoints
+    from flows import checkpoints, preflight
     from flows.tracking import FlowTracker
 
     tracking_uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
@@ -145,7 +227,9 @@ def run_flow(cfg: Config) -> dict[str, str]:
     tracker = FlowTracker(cfg, tracking_uri)
     check_ray_address()
     data = prepare_datasets(cfg)
+    preflight.check_data_fits(cfg, data.num_classes, data.num_train)
     ray.init()  # inside `ray job submit`: the job's cluster; otherwise $RAY_ADDRESS or a new local one
+    preflight.check_cluster(cfg)  # use_gpu without GPUs etc.: one line now, not a placement wait forever
     parent_id, resumed = tracker.start_flow()
     print(f"[eqface] flow '{cfg.flow.name}' parent run {parent_id}{' (resumed)' if resumed else ''}", flush=True)
 
@@ -157,7 +241,13 @@ def run_flow(cfg: Config) -> dict[str, str]:
         teacher = latest_quality if step.kind == 3 else None
         if run.complete:
             print(f"[eqface] step {step.index} (kind {step.kind}) already complete: {run.checkpoint_uri}", flush=True)
-            ckpt = checkpoints.from_uri(run.checkpoint_uri)
+            try:
+                ckpt = checkpoints.from_uri(run.checkpoint_uri)
+            except FileNotFoundError as exc:
+                message = (f"step {step.index} (kind {step.kind}) is complete in MLflow run {run.run_id}, but "
+                           f"{exc}; restore it, or run the flow under a new flow.name")
+                tracker.fail(None, message)  # the parent run is not left RUNNING
+                raise FileNotFoundError(message) from None
         else:
             print(f"[eqface] step {step.index} (kind {step.kind}, loop {step.loop}) -> run {run.run_id}", flush=True)
             try:
@@ -170,7 +260,12 @@ def run_flow(cfg: Config) -> dict[str, str]:
                 print(f"[eqface] step {step.index} done: " +
                       ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
             except BaseException as exc:
-                tracker.fail(run.run_id, f"step {step.index} (kind {step.kind}): {exc}")
+                if getattr(exc, "last_good", None) is not None:  # diverged: the weights to go back to
+                    tracker.mark_last_good_checkpoint(run.run_id, checkpoints.checkpoint_uri(exc.last_good))
+                from data.pipeline import dataset_error_from
+
+                reason = dataset_error_from(exc) if isinstance(exc, Exception) else None  # not Ray's snippet
+                tracker.fail(run.run_id, f"step {step.index} (kind {step.kind}): {reason or exc}")
                 raise
         latest = ckpt
         if step.kind == 2:
@@ -205,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one clear line at the end, the traceback above it
         from data.pipeline import dataset_error_from
         from data.shards import DatasetError
+        from flows.checkpoints import CheckpointStorageError
+        from flows.train_step import NonFiniteLossError
+
+        if isinstance(exc, (NonFiniteLossError, CheckpointStorageError)):  # the workers' logs hold the rest
+            print(f"eqface: error: {exc}", file=sys.stderr)
+            return 1
 
         bad_data = exc if isinstance(exc, DatasetError) else dataset_error_from(exc)  # unwraps Ray's wrappers
         if bad_data is not None:

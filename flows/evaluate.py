@@ -48,6 +48,15 @@ def load_model(spec: str, image_size: int | None = None) -> tuple[torch.nn.Modul
     """
     from flows.checkpoints import load_net_from
 
+    if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        from flows.tracking import check_reachable
+
+        try:  # one line now, instead of the MLflow client's minutes of retries
+            check_reachable(mlflow.get_tracking_uri())
+        except ConnectionError as exc:
+            raise ModelLoadError(f"cannot load model {spec!r}: {exc}") from None
     try:
         net = load_net_from(spec)
     except Exception as exc:  # missing file, foreign file, unreachable MLflow server, ...

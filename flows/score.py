@@ -5,9 +5,11 @@
 
 Images (jpg/jpeg/png/bmp, any depth below FOLDER) are read whole, converted to RGB and resized to the
 model's input size: no face detection or alignment, so give it face crops. Files that cannot be read
-(empty, not an image, too large, truncated) are listed, skipped and counted; the command succeeds when
-at least one image was scored. The contact sheet shows at most SHEET_MAX_IMAGES, evenly spread along the
-quality order.
+(empty, not an image, too large, truncated) are listed, skipped and counted. The contact sheet shows at
+most SHEET_MAX_IMAGES, evenly spread along the quality order.
+
+Exit status: 0 every image scored; 3 outputs written for the readable images, but some files were skipped
+(listed on stderr); 1 no image could be scored; 2 bad arguments or a model that does not load.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data.pipeline import to_rgb  # noqa: F401 - shared with training's decoding; importable from here
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Larger images are refused as possible decompression bombs (a face crop is rarely over 4k x 4k).
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Larger files are refused unread (a 4k x 4k RGB PNG of pure noise is 48 MiB).
+DEFAULT_MAX_BYTES = 64 * 2**20
+EXIT_SKIPPED = 3
 SHEET_MAX_IMAGES = 400
 
 
@@ -50,22 +57,8 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: greyscale is repeated, alpha dropped, 16-bit / float rescaled."""
-    if img.mode in ("RGB",):
-        return img
-    if img.mode.startswith("I;16"):
-        arr = np.asarray(img, dtype=np.float32) / 257.0
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-    return img.convert("RGB")
-
-
-def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+                    ) -> Image.Image:
     """The file as an RGB PIL image; raises UnreadableImageError saying what is wrong with it."""
     try:
         size = path.stat().st_size
@@ -73,6 +66,9 @@ def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.I
         raise UnreadableImageError(f"cannot stat: {exc}") from None
     if size == 0:
         raise UnreadableImageError("empty file (0 bytes)")
+    if size > max_bytes:
+        raise UnreadableImageError(f"file too large ({size / 2**20:.1f} MiB > --max-bytes "
+                                   f"{max_bytes / 2**20:.1f} MiB), not read")
     saved_limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -106,6 +102,7 @@ def score_folder(
     batch_size: int = 64,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> ScoredImages:
     """Read every image below `folder` and run the model on the readable ones, a batch at a time.
 
@@ -131,7 +128,7 @@ def score_folder(
     for path in tqdm(find_images(folder), desc="scoring images", unit="img", disable=not progress):
         rel = str(path.relative_to(folder))
         try:
-            img = read_image_file(path, max_pixels)
+            img = read_image_file(path, max_pixels, max_bytes)
         except UnreadableImageError as exc:
             unreadable.append((rel, str(exc)))
             continue
@@ -294,6 +291,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_MAX_PIXELS,
         help="refuse larger images as possible decompression bombs",
     )
+    parser.add_argument(
+        "--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="skip larger files without reading them"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc))
 
     scored = score_folder(
-        net, args.folder, image_size, args.batch_size, args.max_pixels, progress=not args.no_progress
+        net, args.folder, image_size, args.batch_size, args.max_pixels, progress=not args.no_progress,
+        max_bytes=args.max_bytes,
     )
     found = len(scored.paths) + len(scored.unreadable)
     if scored.unreadable:
@@ -349,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {q[i]:.3f}  {scored.paths[i]}")
     print(f"scores:        {args.out}")
     print(f"contact sheet: {sheet_path}")
+    if scored.unreadable:  # outputs are complete for what could be read; the status says it was not all
+        print(f"score: {len(scored.unreadable)} of {found} files skipped as unreadable (listed above); "
+              f"exit status {EXIT_SKIPPED}", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 

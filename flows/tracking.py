@@ -7,8 +7,11 @@ resume never creates duplicate runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +33,10 @@ TAG_LOOP = "eqface.loop"
 TAG_COMPLETE = "eqface.complete"
 TAG_CHECKPOINT = "eqface.checkpoint_uri"
 TAG_FINAL_MODEL = "eqface.final_model_uri"
+TAG_LAST_GOOD = "eqface.last_good_checkpoint"  # a diverged step's latest checkpoint with finite weights
 PARENT = "mlflow.parentRunId"
+# How long marking a failed run waits for MLflow (it may be the reason the step failed).
+FAIL_BUDGET_S = 10.0
 # Settings that may change between a flow and its resume without changing what it computes.
 RESUMABLE_CHANGES = ("scaling.", "tracking.", "flow.max_failures", "flow.checkpoints_to_keep")
 
@@ -49,6 +55,81 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         raise ConnectionError(f"MLflow tracking server at {uri} is unreachable ({reason})") from None
 
 
+class TrackingOutageError(ConnectionError):
+    """MLflow stayed unreachable for longer than tracking.max_outage_s."""
+
+
+# MLflow's client retries every request itself for ~4 minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7 with
+# exponential back-off): a training epoch would stall on it and no limit of ours would hold. Inside
+# `_one_attempt` a request is tried once and our own loops retry up to tracking.max_outage_s.
+# MLflow reads these variables per request; the lock keeps two of our threads from interleaving them.
+_HTTP_ENV_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _one_attempt(timeout_s: float | None = 30.0):
+    overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    if timeout_s is not None:
+        overrides["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    with _HTTP_ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in overrides}
+        os.environ.update(overrides)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def transient(exc: BaseException) -> bool:
+    """Worth retrying: the server unreachable, timing out or answering 5xx. A 4xx (bad request, no such
+    run) is an answer, not an outage."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    if isinstance(exc, requests.HTTPError):
+        return exc.response is None or exc.response.status_code >= 500
+    return isinstance(exc, OSError)  # requests' ConnectionError and Timeout are OSErrors too
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def call_with_retries(what: str, fn, uri: str, limit_s: float, timeout_s: float | None = 30.0):
+    """fn() against MLflow, retried with back-off while the server is unreachable, for up to limit_s.
+
+    Every call wrapped here is idempotent (tags, terminations, metrics with fixed timestamps, artifacts at
+    fixed paths, look-ups), so a retry after a lost answer changes nothing.
+    """
+    started, delay, attempt = time.monotonic(), 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            with _one_attempt(timeout_s):
+                return fn()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            waited = time.monotonic() - started
+            if waited >= limit_s:
+                raise TrackingOutageError(
+                    f"MLflow tracking server at {uri} unreachable for over {limit_s:g}s "
+                    f"(tracking.max_outage_s) while {what}: {_short(exc)}"
+                ) from exc
+            pause = min(delay, limit_s - waited)
+            log.warning("MLflow unreachable while %s (attempt %d, retrying in %.1fs): %s",
+                        what, attempt, pause, _short(exc))
+            time.sleep(pause)
+            delay = min(delay * 2, 5.0)
+
+
 @dataclass
 class StepRun:
     run_id: str
@@ -62,6 +143,7 @@ class FlowTracker:
     def __init__(self, cfg: Config, uri: str) -> None:
         check_reachable(uri)
         self.cfg, self.uri = cfg, uri
+        self.max_outage_s = cfg.tracking.max_outage_s
         self.client = MlflowClient(uri)
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
         self.experiment_id = (
@@ -113,8 +195,16 @@ class FlowTracker:
         for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=params[start:start + 100])
 
+    def _call(self, what: str, fn, *args, timeout_s: float | None = 30.0, **kwargs):
+        """fn(*args, **kwargs) against MLflow, riding out an outage of up to tracking.max_outage_s."""
+        return call_with_retries(what, lambda: fn(*args, **kwargs), self.uri, self.max_outage_s, timeout_s)
+
     # -- child runs -------------------------------------------------------------------------------
     def step_run(self, index: int, kind: int, loop: int) -> StepRun:
+        # Retried as a whole: a run whose creation answer was lost in an outage is found by the next search.
+        return self._call(f"starting the run of step {index}", self._step_run, index, kind, loop)
+
+    def _step_run(self, index: int, kind: int, loop: int) -> StepRun:
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT}` = '{self.parent_id}' and tags.`{TAG_INDEX}` = '{index}'",
@@ -125,6 +215,8 @@ class FlowTracker:
             complete = tags.get(TAG_COMPLETE) == "true" and run.info.status == "FINISHED"
             if not complete:
                 self.client.update_run(run.info.run_id, status="RUNNING")
+                if not run.data.params:  # created, but the outage came before its params
+                    self._log_params(run.info.run_id)
             return StepRun(run.info.run_id, complete, tags.get(TAG_CHECKPOINT))
         run = self.client.create_run(
             self.experiment_id, run_name=f"{index}-step{kind}-loop{loop}",
@@ -136,21 +228,41 @@ class FlowTracker:
 
     def complete_step(self, run_id: str, checkpoint_uri: str, metrics: dict[str, float],
                       artifacts: dict[str, bytes]) -> None:
-        now = int(time.time() * 1000)
-        final_step = self.cfg.step(int(self.client.get_run(run_id).data.tags[TAG_KIND])).epochs
-        self.client.log_batch(run_id, metrics=[
+        what = f"completing the step run {run_id}"
+        now = int(time.time() * 1000)  # fixed before any retry: a re-sent metric is the same row, not a new one
+        run = self._call(what, self.client.get_run, run_id)
+        final_step = self.cfg.step(int(run.data.tags[TAG_KIND])).epochs
+        self._call(what, self.client.log_batch, run_id, metrics=[
             Metric(k, float(v), now, final_step) for k, v in metrics.items() if v == v  # NaN: not logged
         ])
-        self.log_artifacts(run_id, artifacts, "plots")
+        self._call(what, self.log_artifacts, run_id, artifacts, "plots")
         # The checkpoint URI last: a run is complete only once everything else is on it.
-        self.client.log_batch(run_id, tags=[RunTag(TAG_CHECKPOINT, checkpoint_uri), RunTag(TAG_COMPLETE, "true")])
-        self.client.set_terminated(run_id, "FINISHED")
+        self._call(what, self.client.log_batch, run_id,
+                   tags=[RunTag(TAG_CHECKPOINT, checkpoint_uri), RunTag(TAG_COMPLETE, "true")])
+        self._call(what, self.client.set_terminated, run_id, "FINISHED")
+
+    def mark_last_good_checkpoint(self, run_id: str, checkpoint_uri: str) -> None:
+        """Tag a failed (diverged) step's run with the checkpoint to go back to; best effort, like `fail`."""
+        try:
+            call_with_retries(f"tagging run {run_id}",
+                              lambda: self.client.set_tag(run_id, TAG_LAST_GOOD, checkpoint_uri),
+                              self.uri, min(self.max_outage_s, FAIL_BUDGET_S))
+        except Exception as exc:  # noqa: BLE001 - the step's own error is re-raised by the caller
+            log.warning("could not tag run %s with its last good checkpoint: %s", run_id, _short(exc))
 
     def fail(self, run_id: str | None, message: str) -> None:
+        """Best effort, briefly: MLflow itself may be why the step failed, and that error must surface."""
+        def mark(rid: str) -> None:
+            self.client.set_tag(rid, "eqface.error", message[:5000])
+            self.client.set_terminated(rid, "FAILED")
+
         for rid in (run_id, self.parent_id):
             if rid:
-                self.client.set_tag(rid, "eqface.error", message[:5000])
-                self.client.set_terminated(rid, "FAILED")
+                try:
+                    call_with_retries(f"marking run {rid} failed", lambda r=rid: mark(r), self.uri,
+                                      min(self.max_outage_s, FAIL_BUDGET_S))
+                except Exception as exc:  # noqa: BLE001 - the step's own error is re-raised by the caller
+                    log.warning("could not mark run %s failed in MLflow: %s", rid, _short(exc))
 
     def log_artifacts(self, run_id: str, artifacts: dict[str, bytes], folder: str) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -166,20 +278,25 @@ class FlowTracker:
         import mlflow.pytorch
         import torch
 
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.parent_id):
-            # Pickle + the `models` package as code: loads as the same EQFaceNet class, any batch size.
-            info = mlflow.pytorch.log_model(
-                net.eval(), name="model", code_paths=[_models_dir()], serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-            mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
-        self.client.set_tag(self.parent_id, TAG_FINAL_MODEL, info.model_uri)
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        def log_model():
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.parent_id):
+                # Pickle + the `models` package as code: loads as the same EQFaceNet class, any batch size.
+                info = mlflow.pytorch.log_model(
+                    net.eval(), name="model", code_paths=[_models_dir()], serialization_format="pickle",
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                )
+                mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+            return info
+
+        # A retry after an outage mid-upload logs the model again (a new model id); the tag names the one kept.
+        info = self._call("logging the final model", log_model, timeout_s=None)
+        self._call("logging the final model", self.client.set_tag, self.parent_id, TAG_FINAL_MODEL, info.model_uri)
+        self._call("logging the final model", self.client.set_terminated, self.parent_id, "FINISHED")
         return info.model_uri
 
     def final_model_uri(self) -> str | None:
-        run = self.client.get_run(self.parent_id)
+        run = self._call("reading the flow's run", self.client.get_run, self.parent_id)
         return run.data.tags.get(TAG_FINAL_MODEL)
 
 
@@ -191,50 +308,68 @@ def _models_dir() -> str:
 class EpochLogger:
     """Rank 0's per-epoch metrics to its step's child run, with `step` = epoch.
 
-    Metrics that cannot be sent (server down) are kept and sent with the next epoch; `flush` at the
-    end of the step retries with back-off up to `give_up_after_s` before failing the step.
+    Training never waits for MLflow: each epoch's metrics are stamped when measured and sent with one
+    quick try; while the server is down they wait in memory and go with the next epoch. `flush`, at the
+    end of the step, retries with back-off until the outage has lasted `max_outage_s`, then fails the step
+    (its checkpoints hold the metric history; a resume backfills what was not sent). A re-sent metric has
+    its original timestamp, so MLflow stores it once.
     """
 
-    def __init__(self, uri: str, run_id: str, give_up_after_s: float = 300.0) -> None:
-        self.client, self.run_id, self.give_up_after_s = MlflowClient(uri), run_id, give_up_after_s
-        self.pending: list[dict[str, float]] = []
+    def __init__(self, uri: str, run_id: str, max_outage_s: float = 300.0) -> None:
+        self.client, self.uri, self.run_id, self.max_outage_s = MlflowClient(uri), uri, run_id, max_outage_s
+        self.pending: list[tuple[int, dict[str, float]]] = []  # (timestamp ms, metrics with "epoch")
+        self.down_since: float | None = None  # monotonic time of the current outage's first failed send
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a restart from a checkpoint: send the checkpointed epochs MLflow does not have yet."""
         if not history:
             return
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
-        self.pending.extend(m for m in history if int(m["epoch"]) not in logged)
+        logged = {m.step for m in call_with_retries(
+            "reading the step's metric history", lambda: self.client.get_metric_history(self.run_id, "loss"),
+            self.uri, self.max_outage_s)}
+        now = int(time.time() * 1000)
+        self.pending.extend((now, m) for m in history if int(m["epoch"]) not in logged)
         self._try_send()
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
-        self.pending.append(metrics)
+        self.pending.append((int(time.time() * 1000), metrics))
         self._try_send()
 
     def flush(self) -> None:
-        deadline = time.monotonic() + self.give_up_after_s
-        delay = 1.0
-        while self.pending:
-            if self._try_send():
+        delay = 0.5
+        while True:
+            error = self._try_send()
+            if error is None:
                 return
-            if time.monotonic() > deadline:
-                raise ConnectionError(
-                    f"MLflow unreachable for over {self.give_up_after_s:.0f}s; "
-                    f"{len(self.pending)} epochs of metrics not logged to run {self.run_id}"
+            if not transient(error):
+                raise error
+            down_for = time.monotonic() - self.down_since
+            if down_for >= self.max_outage_s:
+                raise TrackingOutageError(
+                    f"MLflow tracking server at {self.uri} unreachable for over {self.max_outage_s:g}s "
+                    f"(tracking.max_outage_s); {len(self.pending)} epochs of metrics not logged to run "
+                    f"{self.run_id} (they are in the step's checkpoints: a resume logs them)"
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            time.sleep(min(delay, self.max_outage_s - down_for))
+            delay = min(delay * 2, 5.0)
 
-    def _try_send(self) -> bool:
+    def _try_send(self) -> Exception | None:
+        """One quick try to send everything pending, oldest first; the error that stopped it, or None."""
         while self.pending:
-            metrics = self.pending[0]
+            stamp, metrics = self.pending[0]
             epoch = int(metrics["epoch"])
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+            batch = [Metric(k, float(v), stamp, epoch) for k, v in metrics.items() if k != "epoch"]
             try:
-                self.client.log_batch(self.run_id, metrics=batch)
-            except Exception as exc:  # noqa: BLE001 - any transport error: keep the metrics, retry later
-                log.warning("MLflow log failed (%s); %d epochs buffered", exc, len(self.pending))
-                return False
+                with _one_attempt():
+                    self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - keep the metrics; flush decides when to give up
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                log.warning("MLflow log failed (%s); %d epochs buffered", _short(exc), len(self.pending))
+                return exc
             self.pending.pop(0)
-        return True
+        if self.down_since is not None:
+            log.warning("MLflow reachable again after %.1fs; buffered metrics sent",
+                        time.monotonic() - self.down_since)
+            self.down_since = None
+        return None

@@ -22,13 +22,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data.pipeline import to_model_input
 from flows.config import Config, config_from_dict
 
 QUALITY_STEPS = (2, 3)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: training stops on the last good checkpoint, never on bad weights."""
+    """The loss became NaN/inf: training stops on the last good checkpoint, never on bad weights.
+
+    A divergence repeats when retried from the same checkpoint, so it must not spend Ray Train's
+    `max_failures` restarts: given a marker URI (`loop_config["diverged_marker"]`, set by the flow's driver),
+    the workers stop cleanly instead of raising, rank 0 writes the marker, and the driver raises this error
+    with `last_good`, the step's latest checkpoint (None when the step diverged before its first one).
+    """
+
+    def __init__(self, message: str, last_good: Any = None) -> None:
+        super().__init__(message)
+        self.last_good = last_good
+
+
+DIVERGED_MARKER = "diverged.json"  # in the Ray Train run's directory: what diverged, where
 
 
 @dataclass
@@ -257,9 +271,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     inner: StepModel = model.module if hasattr(model, "module") else model
 
     # No run id: an untracked step (benchmarks); metrics still go to Ray Train's result.
-    logger = tracking.EpochLogger(spec.tracking_uri, spec.mlflow_run_id) if rank == 0 and spec.mlflow_run_id else None
+    logger = (tracking.EpochLogger(spec.tracking_uri, spec.mlflow_run_id, cfg.tracking.max_outage_s)
+              if rank == 0 and spec.mlflow_run_id else None)
+    logged_ahead: set[int] = set()
     if logger is not None:
         logger.backfill(history)  # epochs checkpointed before a crash but never logged
+        logged_ahead = _epochs_logged_after(logger, start_epoch)  # ... and epochs logged but never checkpointed
 
     # Optional held-out check every epoch (Ray Tune's ASHA needs an intermediate objective): every rank
     # computes it on the same small set, so all report the same metrics.
@@ -279,6 +296,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.scaling.amp == "fp16")
 
+    diverged = False
     for epoch in range(start_epoch, step_cfg.epochs):
         model.train()
         loss_sum, correct, seen, batches = 0.0, 0, 0, 0
@@ -293,15 +311,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             lr = learning_rate(step_cfg.lr, global_step, total_steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images, labels = batch["image"], batch["label"].long()
+            images, labels = to_model_input(batch["image"]), batch["label"].long()
             with autocast:
                 loss, cos, quality = model(images, labels)
             # Every rank agrees before stepping, so no rank runs on with weights another has refused.
             if _all_sum([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
-                raise NonFiniteLossError(
-                    f"{spec.name}: loss is {loss.item()} at epoch {epoch + 1}, batch {batches + 1}; "
-                    f"stopped on the last good checkpoint (epoch {epoch})"
-                )
+                value = loss.item()
+                what = f"loss is {value}" if not math.isfinite(value) else "loss is not finite (on another worker)"
+                diverged = _stop_diverged(spec, loop_config, what, epoch + 1, batches + 1, rank)
+                break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -313,6 +331,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             seen += labels.numel()
             if quality is not None:
                 qualities.append(quality.detach().float().cpu().numpy())
+        if not diverged:  # BatchNorm statistics can overflow while the loss (on batch statistics) stays finite
+            bad = _first_non_finite(inner)
+            if _all_sum([1.0 if bad else 0.0])[0] > 0:
+                what = f"weights are not finite ({bad or 'on another worker'})"
+                diverged = _stop_diverged(spec, loop_config, what, epoch + 1, batches, rank)
+        if diverged:
+            break  # nothing reported: the step's latest checkpoint stays its last good one
         elapsed = _all_max(time.perf_counter() - started)
         loss_total, correct_total, seen_total = _all_sum([loss_sum, correct, seen])
         metrics = {
@@ -330,9 +355,63 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         _report(cfg, spec, inner, optimizer, history, rank)
         if logger is not None:
-            logger.log_epoch(metrics)
+            if metrics["epoch"] not in logged_ahead:
+                logger.log_epoch(metrics)
     if logger is not None:
         logger.flush()
+
+
+def _epochs_logged_after(logger, epoch: int) -> set[int]:
+    """Epochs past this attempt's starting checkpoint that MLflow already has.
+
+    A worker killed after it reported and logged an epoch, but before Ray Train's controller registered that
+    epoch's checkpoint, restarts from the checkpoint before: the epoch is trained again but logged only once
+    (MLflow keeps the first attempt's figures). One quick try: training does not wait for MLflow.
+    """
+    from flows import tracking
+
+    try:
+        history = tracking.call_with_retries("reading the step's metric history",
+                                             lambda: logger.client.get_metric_history(logger.run_id, "loss"),
+                                             logger.uri, 0.0)
+    except Exception:  # noqa: BLE001 - unreachable now: at worst an epoch is logged twice
+        return set()
+    return {m.step for m in history if m.step > epoch}
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    """Name of the first parameter or buffer that holds NaN/inf, or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _stop_diverged(spec: StepSpec, loop_config: dict[str, Any], what: str, epoch: int, batch: int,
+                   rank: int) -> bool:
+    """Every rank has seen the divergence at the same batch. With a marker URI rank 0 writes it and all
+    ranks stop without error (True); without one (Tune trials, benchmarks) this raises as before."""
+    import json
+
+    from data import storage
+
+    message = f"{spec.name} diverged: {what} at epoch {epoch}, batch {batch}"
+    marker = loop_config.get("diverged_marker")
+    if not marker:
+        raise NonFiniteLossError(f"{message}; stopped on the last good checkpoint (epoch {epoch - 1})")
+    if rank == 0:
+        record = {"message": message, "step": spec.index, "kind": spec.kind, "epoch": epoch, "batch": batch}
+        storage.write_bytes_atomic(marker, json.dumps(record).encode())
+    return True
+
+
+def read_divergence(marker: str) -> dict[str, Any] | None:
+    """The record `_stop_diverged` left, or None."""
+    import json
+
+    from data import storage
+
+    return json.loads(storage.read_bytes(marker)) if storage.exists(marker) else None
 
 
 def _epoch_validation(model: StepModel, val: dict[str, np.ndarray]) -> dict[str, float]:
@@ -373,7 +452,14 @@ def _report(cfg: Config, spec: StepSpec, model: StepModel, optimizer, history: l
                 "epochs": cfg.step(spec.kind).epochs, "num_classes": spec.num_classes, "head": cfg.model.head,
             }
             checkpoints.write_checkpoint_dir(Path(d), state, model.net, meta)
-        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
+        try:
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
+        except Exception as exc:
+            reason = checkpoints.storage_failure(exc)
+            if reason is None:
+                raise
+            raise checkpoints.CheckpointStorageError(
+                f"{spec.name}: cannot write the epoch-{epoch} checkpoint to {cfg.flow.storage}: {reason}") from exc
 
 
 def _autocast(cfg: Config, device: torch.device):

@@ -4,11 +4,15 @@ One place starts and stops them, by process id, for the README's quick start and
 
     python -m infra.stack up [--s3] [--state-dir .stack]     # start what is not running yet
     python -m infra.stack env                                # `export ...` lines for a shell
+    python -m infra.stack add-node [--num-cpus 1]            # one more Ray node joined to the head
+    python -m infra.stack remove-node [--node ray-node-1]    # stop it (the newest one by default)
     python -m infra.stack down                               # stop them, by pid
 
 Each service runs in its own process group; its pid, port and log live in <state-dir>/stack.json.
 Ray keeps token authentication on: a random token is written to <state-dir>/ray_auth_token (mode 600)
 and clients find it through RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
+An added node (`add-node`) is a second `ray start --address <head>` process with the same token, its own
+CPUs, object store, temp dir and a marker resource `eqface_node_<n>`: a multi-node rehearsal on one machine.
 """
 
 from __future__ import annotations
@@ -126,6 +130,21 @@ class Stack:
         return env
 
     # -- starting ------------------------------------------------------------------------------
+    def _ray_env(self, token_path: Path) -> dict[str, str]:
+        """The environment of a Ray node's processes (head or added node), hence of the jobs and workers on it."""
+        return {
+            # With the S3 server up, Ray's processes (job drivers, workers) inherit its endpoint and keys from
+            # the node's environment: no credential travels in a runtime env, where Ray would log it.
+            **self._s3_env(),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_path),
+            # On SIGTERM `ray start --block` first drains the node (for Serve replicas); a head that has run a
+            # job never finishes draining and `down` sat out Ray's 30 s default. Nothing here needs a drain.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            # The node's environment is the jobs' environment: the project venv first on PATH.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
     def _spawn(self, name: str, cmd: list[str], port: int, env: dict[str, str], info: dict) -> Service:
         log = self.state_dir / f"{name}.log"
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -173,20 +192,57 @@ class Stack:
         ]
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
-        env = {
-            # With the S3 server up, Ray's processes (job drivers, workers) inherit its endpoint and keys from
-            # the head's environment: no credential travels in a runtime env, where Ray would log it.
-            **self._s3_env(),
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(token_path),
-            # The head's environment is the jobs' environment: the project venv first on PATH.
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
+        env = self._ray_env(token_path)
         info = {"gcs_port": gcs, "dashboard_port": dashboard, "token_path": str(token_path),
                 "temp_dir": f"/tmp/eqface-ray-{gcs}"}
         svc = self._spawn("ray", cmd, dashboard, env, info)
         self._wait(svc, lambda: _http_ok(f"http://{HOST}:{dashboard}/api/version", token_path), 120)
         return svc
+
+    def nodes(self) -> list[Service]:
+        """The Ray nodes added to the head (`add_node`), oldest first."""
+        return sorted((s for s in self.services.values() if s.name.startswith("ray-node-")),
+                      key=lambda s: s.info["index"])
+
+    def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
+                 object_store_mb: int = 256) -> Service:
+        """One more Ray node, joined to this stack's head as `ray start --address` joins another machine's: its
+        own raylet, object store, CPUs and temp dir, the head's token, joined through 127.0.0.1 (on Linux Ray
+        advertises the host's address and its gRPC ports listen on all interfaces, token required: see
+        docs/cluster.md). A marker resource `eqface_node_<n>: 1` tells it apart in `ray list nodes`."""
+        head = self.services.get("ray")
+        if head is None:
+            raise RuntimeError("add-node needs the Ray head of this stack: run `python -m infra.stack up` first")
+        index = 1 + max((s.info["index"] for s in self.nodes()), default=0)
+        marker = f"eqface_node_{index}"
+        resources = {marker: 1, **(resources or {})}
+        temp_dir = f"{head.info['temp_dir']}-n{index}"
+        cmd = [
+            _bin("ray"), "start", f"--address={HOST}:{head.info['gcs_port']}", "--block", "--disable-usage-stats",
+            f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
+            f"--object-store-memory={object_store_mb * 2**20}",
+            # Ray's default agent port (52365) would collide with the head's and other clusters' on this host.
+            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
+        ]
+        info = {"index": index, "marker": marker, "num_cpus": num_cpus, "resources": resources,
+                "head_gcs_port": head.info["gcs_port"], "temp_dir": temp_dir}
+        svc = self._spawn(f"ray-node-{index}", cmd, 0, self._ray_env(Path(head.info["token_path"])), info)
+        self._wait(svc, lambda: any(n["state"] == "ALIVE" and marker in n.get("resources_total", {})
+                                    for n in self.ray_nodes()), 120)
+        return svc
+
+    def ray_nodes(self) -> list[dict]:
+        """The head's view of its nodes (Ray's state API over HTTP, with the token): node_id, state,
+        is_head_node, resources_total, ..."""
+        head = self.services["ray"]
+        url = f"http://{HOST}:{head.info['dashboard_port']}/api/v0/nodes?limit=1000&detail=1"
+        request = urllib.request.Request(url)
+        request.add_header("Authorization", f"Bearer {Path(head.info['token_path']).read_text().strip()}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return json.loads(resp.read())["data"]["result"]["result"]
+        except (urllib.error.URLError, OSError, KeyError, ValueError):
+            return []
 
     def start_mlflow(self, artifacts_destination: str | None = None, backend_store_uri: str | None = None) -> Service:
         """MLflow server with proxied artifacts: on local disk by default, or e.g. s3://eqface/mlflow (start the
@@ -231,6 +287,9 @@ class Stack:
 
     # -- stopping ------------------------------------------------------------------------------
     def stop(self, name: str, timeout: float = 30) -> None:
+        if name == "ray":  # added nodes first: a node whose head is gone waits for it for a minute
+            for node in self.nodes():
+                self.stop(node.name, timeout)
         svc = self.services.pop(name, None)
         if svc is None:
             return
@@ -287,12 +346,15 @@ def _http_ok(url: str, token_path: Path | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "env", "status"])
+    parser.add_argument("command", choices=["up", "down", "env", "status", "add-node", "remove-node"])
     parser.add_argument("--state-dir", default=os.environ.get("EQFACE_STACK_DIR", ".stack"))
     parser.add_argument("--s3", action="store_true", help="also start the S3-compatible server (moto_server)")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--no-mlflow", action="store_true")
-    parser.add_argument("--num-cpus", type=int, default=None)
+    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the head (up) or node (add-node)")
+    parser.add_argument("--resources", type=json.loads, default=None,
+                        help='add-node: extra custom resources as JSON, e.g. \'{"big_mem": 1}\'')
+    parser.add_argument("--node", default=None, help="remove-node: which one (default: the newest)")
     args = parser.parse_args(argv)
     stack = Stack.load(args.state_dir)
     if args.command == "up":
@@ -303,7 +365,18 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_ray:
             stack.start_ray(num_cpus=args.num_cpus)
         for name, svc in stack.services.items():
-            print(f"{name:7s} pid {svc.pid:<8d} port {svc.port:<6d} log {svc.log}", file=sys.stderr)
+            print(f"{name:10s} pid {svc.pid:<8d} port {svc.port:<6d} log {svc.log}", file=sys.stderr)
+    elif args.command == "add-node":
+        svc = stack.add_node(num_cpus=args.num_cpus or 1, resources=args.resources)
+        print(f"{svc.name} pid {svc.pid} resources {json.dumps(svc.info['resources'])} log {svc.log}",
+              file=sys.stderr)
+    elif args.command == "remove-node":
+        nodes = stack.nodes()
+        name = args.node or (nodes[-1].name if nodes else None)
+        if name not in {n.name for n in nodes}:
+            parser.error(f"no added Ray node {name!r} in {stack.state_dir} (running: "
+                         f"{', '.join(n.name for n in nodes) or 'none'})")
+        stack.stop(name)
     elif args.command == "down":
         stack.stop_all()
     elif args.command == "env":
@@ -311,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {key}={value}")
     else:
         for name, svc in stack.services.items():
-            print(f"{name:7s} pid {svc.pid:<8d} port {svc.port}")
+            print(f"{name:10s} pid {svc.pid:<8d} port {svc.port}")
     return 0
 
 

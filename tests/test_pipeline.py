@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.augment import AugmentConfig, augment_image
@@ -15,6 +16,7 @@ from data.pipeline import (
     dataset_error_from,
     decode_batch,
     load_arrays,
+    to_model_input,
     training_dataset,
 )
 from data.shards import DatasetError, write_dataset
@@ -93,6 +95,16 @@ def test_augmentation_is_seeded_per_row():
     assert not np.array_equal(a["image"], plain)
 
 
+def test_uint8_pixels_normalised_by_the_worker_equal_the_float_path():
+    batch = batch_of([encode(pattern(i)) for i in range(5)])
+    cfg = AugmentConfig(hflip=True, crop_scale_min=0.8)
+    floats = decode_batch(batch, image_size=16, augment=cfg, seed=3)["image"]
+    pixels = decode_batch(batch, image_size=16, augment=cfg, seed=3, pixels_only=True)["image"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (5, 16, 16, 3)
+    assert pixels.nbytes * 4 == floats.nbytes
+    np.testing.assert_allclose(to_model_input(torch.from_numpy(pixels)).numpy(), floats, rtol=0, atol=1e-6)
+
+
 def test_augment_image_options():
     img = pattern(0, size=20)
     rng = np.random.default_rng(0)
@@ -148,9 +160,11 @@ def test_ray_training_dataset_yields_batches(ray_local, tiny_dataset):
     ds = training_dataset(tiny_dataset, image_size=16, augment=AugmentConfig(), seed=0, batch_size=8)
     labels, shapes = [], set()
     for batch in ds.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=20, local_shuffle_seed=0):
-        shapes.add(tuple(batch["image"].shape[1:]))
-        assert str(batch["image"].dtype) == "torch.float32" and str(batch["label"].dtype) == "torch.int64"
-        assert float(batch["image"].min()) >= -1 and float(batch["image"].max()) <= 1
+        # uint8 pixels travel through Ray; the worker normalises them on its device
+        assert str(batch["image"].dtype) == "torch.uint8" and str(batch["label"].dtype) == "torch.int64"
+        images = to_model_input(batch["image"])
+        shapes.add(tuple(images.shape[1:]))
+        assert images.dtype == torch.float32 and float(images.min()) >= -1 and float(images.max()) <= 1
         assert set(batch) == {"image", "label", "degradation"}
         labels += batch["label"].tolist()
     assert shapes == {(3, 16, 16)}
@@ -169,4 +183,6 @@ def test_ray_pipeline_corrupt_rows(ray_local, tmp_path):
         failing.take_all()
     error = dataset_error_from(excinfo.value)  # Ray wraps it; the flow still needs the one-line reason
     assert isinstance(error, DatasetError)
-    assert re.fullmatch(r"corrupt image at row \d+ of batch \(identity=id1, source=s5\): .*", str(error))
+    # the exact shard and row in it, from the row-group reader
+    shard = re.escape(f"{uri}/part-00000.parquet")
+    assert re.fullmatch(rf"corrupt image at {shard} row 5 \(identity=id1, source=s5\): .*", str(error))

@@ -95,7 +95,7 @@ def test_ray_data_reads_the_shards_from_s3(faces_on_s3):
         if started:
             ray.shutdown()
     assert len(rows) == 4
-    assert all(r["image"].shape == (3, 12, 12) and 0 <= r["label"] < 3 for r in rows)
+    assert all(r["image"].shape == (12, 12, 3) and 0 <= r["label"] < 3 for r in rows)
 
 
 def test_pairs_datasets_on_s3(s3, tmp_path):

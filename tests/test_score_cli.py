@@ -89,7 +89,7 @@ def setup(tmp_path_factory):
 def test_scores_every_readable_image_and_lists_the_bad_ones(setup, capsys):
     model, folder, root = setup
     out = root / "run1" / "scores.parquet"
-    assert score.main(["--model", str(model), str(folder), "--out", str(out), "--no-progress"]) == 0
+    assert score.main(["--model", str(model), str(folder), "--out", str(out), "--no-progress"]) == 3  # skipped some
     captured = capsys.readouterr()
     table = pq.read_table(out)
     assert sorted(table.column("path").to_pylist()) == sorted(GOOD)
@@ -128,7 +128,7 @@ def test_same_image_gets_same_scores_whatever_its_channel_layout(setup, tmp_path
 def test_csv_output_and_min_quality_rejects(setup, capsys):
     model, folder, root = setup
     first = root / "run2" / "first.parquet"
-    assert score.main(["--model", str(model), str(folder), "--out", str(first), "--no-progress"]) == 0
+    assert score.main(["--model", str(model), str(folder), "--out", str(first), "--no-progress"]) == 3
     table = pq.read_table(first)
     quality = dict(zip(table.column("path").to_pylist(), table.column("quality").to_pylist(), strict=True))
     threshold = float(np.median(list(quality.values())))
@@ -146,7 +146,7 @@ def test_csv_output_and_min_quality_rejects(setup, capsys):
         str(sheet),
         "--no-progress",
     ]
-    assert score.main(args) == 0
+    assert score.main(args) == 3
     stdout = capsys.readouterr().out
     import csv
 
@@ -228,6 +228,6 @@ def test_runs_as_a_module_with_progress_bars(setup, tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr  # 4 unreadable files skipped
     assert "scoring images" in proc.stderr and "10/10" in proc.stderr  # the tqdm bar
     assert pq.read_table(out).num_rows == 6

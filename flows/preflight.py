@@ -1,0 +1,92 @@
+"""Checks of a flow against its data and its Ray cluster, made before anything is trained or written,
+and the report of the rows a step skipped with data.skip_corrupt.
+
+Config validation (flows/config.py) sees one config; these see what it meets: a dataset with too few
+images or classes for the scaling chosen, or a cluster that can never host the workers (use_gpu without
+GPUs, more CPUs than there are). Ray Train would wait for such resources forever; here it is one line.
+"""
+
+from __future__ import annotations
+
+from flows.config import Config, ConfigError
+
+# map_batches tasks ask for 1 CPU each: the training workers must leave at least that much for decoding.
+RAY_DATA_CPUS = 1.0
+
+
+def check_data_fits(cfg: Config, num_classes: int, num_train: int) -> None:
+    """The scaling against the training set: every worker gets a full batch per epoch, and a sharded head
+    at least one class per worker."""
+    n = cfg.scaling.num_workers
+    if cfg.model.head == "sharded" and n > num_classes:
+        raise ConfigError(f"model.head: sharded over scaling.num_workers={n} needs at least {n} classes; the "
+                          f"training set has {num_classes} (use fewer workers or model.head: full)")
+    kinds = (1, 2, 3) if cfg.flow.loops > 0 else (1, 2)
+    for kind in kinds:
+        batch = cfg.step(kind).batch_size
+        if batch * n > num_train:
+            raise ConfigError(f"step{kind}.batch_size: {batch} per worker x {n} workers = {batch * n} images per "
+                              f"step, more than the {num_train} training images (an epoch would have no full "
+                              f"batch)")
+
+
+def cluster_ceiling() -> dict[str, float] | None:
+    """What an autoscaler may grow the cluster to (Ray Train's own check uses the same); None without one."""
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config()
+
+
+def check_cluster(cfg: Config) -> None:
+    """After ray.init(): the cluster has (or its autoscaler can add) the workers' CPUs/GPUs plus a CPU for
+    Ray Data. Without this, Ray Train retries placing the workers forever on a cluster that lacks them."""
+    import ray
+
+    try:
+        ceiling = cluster_ceiling()
+    except Exception:  # noqa: BLE001 - a private Ray API: without it, leave the decision to Ray Train
+        return
+    check_resources(cfg, dict(ray.cluster_resources()), ceiling)
+
+
+def check_resources(cfg: Config, have: dict[str, float], ceiling: dict[str, float] | None) -> None:
+    """ConfigError unless `have` (the cluster now), grown to `ceiling` (an autoscaler's limit), hosts the
+    workers and one Ray Data task."""
+    have = dict(have)
+    for key, value in (ceiling or {}).items():
+        have[key] = max(have.get(key, 0.0), float(value))
+    grow = " (and no autoscaler can add more)" if ceiling is None else " at most, autoscaling included"
+    n, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    gpus = have.get("GPU", 0.0)
+    if cfg.scaling.use_gpu and n > gpus:
+        fix = "scaling.use_gpu=false" + (f" or scaling.num_workers<={int(gpus)}" if gpus >= 1 else "")
+        raise ConfigError(f"scaling.use_gpu: {n} workers need {n} GPUs (1 each) but the Ray cluster has "
+                          f"{gpus:g}{grow}; set {fix}")
+    need = n * cpus + RAY_DATA_CPUS
+    if need > have.get("CPU", 0.0) + 1e-9:
+        raise ConfigError(f"scaling: {n} workers x {cpus:g} CPU + {RAY_DATA_CPUS:g} CPU for Ray Data decoding = "
+                          f"{need:g} CPUs, but the Ray cluster has {have.get('CPU', 0.0):g}{grow}; lower "
+                          f"scaling.num_workers or scaling.cpus_per_worker")
+
+
+def report_skipped_rows(tally, step_name: str, run_id: str, tracking_uri: str) -> list[str]:
+    """How many rows a step skipped (data.skip_corrupt=true): a line in the driver's log, and the metric
+    `corrupt_images_skipped` (0 included) plus the first rows as a tag on the step's MLflow run."""
+    import ray
+
+    rows: list[str] = ray.get(tally.skipped.remote())
+    ray.kill(tally)
+    if rows:
+        print(f"[eqface] {step_name}: skipped {len(rows)} corrupt or wrong-size images (data.skip_corrupt=true), "
+              f"first: {rows[0]}", flush=True)
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri)
+            client.log_metric(run_id, "corrupt_images_skipped", len(rows))
+            if rows:
+                client.set_tag(run_id, "eqface.skipped_rows", "\n".join(rows[:20])[:5000])
+        except Exception as exc:  # noqa: BLE001 - the count is in the log above; training is not undone for it
+            print(f"[eqface] {step_name}: could not log the skipped-row count to MLflow ({exc})", flush=True)
+    return rows
