@@ -54,9 +54,10 @@ def from_uri(uri: str, net_only: bool = False):
 def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
     """The checkpoint's meta, once every file it needs is there; FileNotFoundError naming what is missing.
 
-    Ray uploads a checkpoint's files in parallel, in no set order, so an upload cut short can leave
-    meta.json without state.pt: presence of meta.json alone does not make a checkpoint whole. S3 objects
-    appear whole or not at all, so a file that is listed is complete.
+    Ray uploads a checkpoint's files in directory-listing order (not the order they were written), and with
+    a sharded head each rank uploads its own centre shard into the same directory: an upload cut short can
+    leave meta.json without state.pt or without a shard, so meta.json alone does not make a checkpoint
+    whole. S3 objects appear whole or not at all, so a file that is listed is complete.
     """
     import pyarrow.fs as pafs
 

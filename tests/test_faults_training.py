@@ -85,17 +85,17 @@ def _processes() -> list[tuple[int, int, list[str]]]:
     return out
 
 
-def _raylet_pid(socket_prefix: str) -> int:
-    """The raylet whose socket lies under socket_prefix: one Ray cluster's node among the others here."""
-    for pid, _, argv in _processes():
-        if any(a.startswith(f"--raylet_socket_name={socket_prefix}") for a in argv):
-            return pid
-    raise AssertionError(f"no raylet with a socket under {socket_prefix}")
+def _raylets(*socket_prefixes: str) -> set[int]:
+    """The raylets whose sockets lie under these prefixes: one Ray cluster's nodes among the others here."""
+    found = {pid for pid, _, argv in _processes()
+             if any(a.startswith(f"--raylet_socket_name={p}") for a in argv for p in socket_prefixes)}
+    assert found, f"no raylet with a socket under {socket_prefixes}"
+    return found
 
 
-def _actor_pids(raylet: int, title: str) -> list[int]:
-    """Processes of that raylet running an actor of the given class (Ray titles them `ray::<Class>...`)."""
-    return [pid for pid, ppid, argv in _processes() if ppid == raylet and argv and argv[0].startswith(title)]
+def _actor_pids(raylets: set[int], title: str) -> list[int]:
+    """Processes of those raylets running an actor of the given class (Ray titles them `ray::<Class>...`)."""
+    return [pid for pid, ppid, argv in _processes() if ppid in raylets and argv and argv[0].startswith(title)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +174,9 @@ def _train_run_attempts(stack, run_name: str) -> int:
 class WorkerKiller(threading.Thread):
     """Once the run's first checkpoint is registered, SIGKILL its training worker; then time the recovery."""
 
-    def __init__(self, run_dir: Path, raylet: int) -> None:
+    def __init__(self, run_dir: Path, raylets: set[int]) -> None:
         super().__init__(daemon=True)
-        self.run_dir, self.raylet = run_dir, raylet
+        self.run_dir, self.raylets = run_dir, raylets
         self.error: BaseException | None = None
         self.killed_pid = self.epochs_at_kill = None
         self.killed_at = self.replaced_at = self.next_checkpoint_at = None
@@ -184,11 +184,11 @@ class WorkerKiller(threading.Thread):
     def run(self) -> None:
         try:
             _wait_for("the first checkpoint", lambda: _checkpoint_epochs(self.run_dir), 300)
-            (self.killed_pid,) = _actor_pids(self.raylet, "ray::RayTrainWorker")  # 1 worker
+            (self.killed_pid,) = _actor_pids(self.raylets, "ray::RayTrainWorker")  # 1 worker
             self.epochs_at_kill = max(_checkpoint_epochs(self.run_dir).values())
             os.kill(self.killed_pid, signal.SIGKILL)
             self.killed_at = time.monotonic()
-            _wait_for("a new worker", lambda: set(_actor_pids(self.raylet, "ray::RayTrainWorker")) - {self.killed_pid},
+            _wait_for("a new worker", lambda: set(_actor_pids(self.raylets, "ray::RayTrainWorker")) - {self.killed_pid},
                       300)
             self.replaced_at = time.monotonic()
             _wait_for("a checkpoint after the kill",
@@ -214,9 +214,9 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(stack, tmp
     step = PlannedStep(0, 1, 0)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        raylet = _raylet_pid(ray.nodes()[0]["RayletSocketName"])
+        raylets = _raylets(ray.nodes()[0]["RayletSocketName"])
         faulty_run = client.create_run(experiment.experiment_id, run_name="worker-kill").info.run_id
-        killer = WorkerKiller(tmp_path / "runs" / "faulty", raylet)
+        killer = WorkerKiller(tmp_path / "runs" / "faulty", raylets)
         killer.start()
         started = time.monotonic()
         faulty = run_step(cfg, step, data, faulty_run, uri, None, None, "faulty")
@@ -300,7 +300,8 @@ def test_killed_driver_resumes_on_resubmit_without_rerunning_or_duplicating(stac
     epochs = 3
     args = _flow_args(name, storage, data_root, "step1.epochs=1", f"step2.epochs={epochs}",  # plan: steps 1, 2
                       "scaling.num_workers=1")
-    raylet = _raylet_pid(f"{stack.services['ray'].info['temp_dir']}/")
+    temp_dir = stack.services["ray"].info["temp_dir"]
+    raylets = _raylets(f"{temp_dir}/", f"{temp_dir}-n")  # the head, and any node added to it
     log = tmp_path / "first.log"
     started = time.monotonic()
     first = _popen_flow(stack, args, log)
@@ -316,7 +317,7 @@ def test_killed_driver_resumes_on_resubmit_without_rerunning_or_duplicating(stac
             first.kill()
     # Ray tears the dead driver's actors down (its Ray Train controller, then the workers it owned).
     _wait_for("the killed driver's Ray Train actors to go",
-              lambda: not (_actor_pids(raylet, "ray::TrainController") or _actor_pids(raylet, "ray::RayTrainWorker")),
+              lambda: not (_actor_pids(raylets, "ray::TrainController") or _actor_pids(raylets, "ray::RayTrainWorker")),
               60)
     torn_down_s = time.monotonic() - killed_at
     assert 1 <= epochs_at_kill < epochs, epochs_at_kill
