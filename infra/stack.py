@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = stack.nodes()
         name = args.node or (nodes[-1].name if nodes else None)
         if name not in {n.name for n in nodes}:
-            parser.error(f"no added Ray node {name!r} in {stack.state_dir} (running: "
+            parser.error(f"no added Ray node{' ' + name if name else ''} running in {stack.state_dir} (running: "
                          f"{', '.join(n.name for n in nodes) or 'none'})")
         stack.stop(name)
     elif args.command == "down":
