@@ -4,15 +4,16 @@
         [--interval 3] [--work DIR] [--json flow_load.json] [key.sub=value ...]
 
 Starts its own Ray head (2 logical CPUs, token auth) and MLflow server (infra.stack), generates (or reuses)
-a synthetic dataset of identities x per-identity images, and runs the real flow (`python flows/eqface.py`,
-steps 1, 2, 3, 2, one epoch each, a small model) as its driver against that cluster, with
+a synthetic dataset of identities x per-identity images, and submits the real flow to that cluster as a user
+does (`ray job submit -- python flows/eqface.py`, steps 1, 2, 3, 2, one epoch each, a small model), with
 `scaling.num_workers` training workers: over-subscribed on a 2-core machine, cpus_per_worker small enough
 that the workers leave one logical CPU for Ray Data's decoding tasks.
 
-Every --interval seconds it samples RSS, USS and PSS of the driver (and its children) and of every process
-of its Ray cluster, classified by what the process runs (its Ray proctitle): Ray Train workers, Ray Data
-tasks, Ray Data / Train actors, the validation task, Ray's own daemons. Step boundaries come from the
-driver's log lines. It prints peak memory per process kind per step, memory at the end of step 3 against
+Every --interval seconds it samples RSS, USS and PSS of every process of its Ray cluster (the flow's driver
+included), classified by what the process runs (its Ray proctitle): the driver, Ray Train workers, Ray Data
+tasks, Ray Data / Train actors, the validation task, Ray's own daemons; and, apart, the object-store pages a
+process alone has touched (they count in its USS but are Ray's shared memory, not its heap). Step boundaries
+come from the driver's log lines. It prints peak memory per process kind per step, memory at the end of step 3 against
 the end of step 1 (a leak shows as growth in the processes that live through the flow: driver, pooled Ray
 workers, Ray daemons), wall time per step and the flow's own images/s, and writes everything, the sampled
 timeline included, to --json. Run it under the CPU lock: `flock /tmp/eqface-cpu.lock python ...`.
@@ -49,62 +50,72 @@ STEP_START = re.compile(r"\[eqface\] step (\d+) \(kind (\d), loop (\d+)\) -> run
 STEP_DONE = re.compile(r"\[eqface\] step (\d+) done")
 # Ray names a worker process after what it runs (setproctitle); the first match wins.
 KINDS = [
-    ("train worker", ("RayTrainWorker",)),
-    ("train controller/actors", ("TrainController", "PlacementGroupCleaner", "SynchronizationActor",
-                                 "_RunLease", "_RowTally", "TrainStateActor")),
-    ("ray data task", ("ReadParquet", "MapBatches", "_read_row_group", "decode_batch", "split_blocks")),
+    ("driver", ("flows/eqface.py",)),
+    ("train worker", ("RayTrainWorker", "_setup_torch_process_group")),
+    ("train controller/actors", ("TrainController", "PlacementGroupCleaner", "SynchronizationActor", "_RunLease",
+                                 "_RowTally", "PreemptionWatcher", "TrainStateActor")),
+    ("ray data task", ("ReadParquet", "MapBatches", "_read_row_group", "decode_batch", "split_block")),
     ("ray data actors", ("SplitCoordinator", "_StatsActor", "AutoscalingCoordinator", "DatasetManager")),
     ("validation task", ("validate_checkpoints",)),
-    ("ray daemons", ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env",
-                     "ray start", "DashboardAgent", "RuntimeEnvAgent", "ray_client_server", "agent")),
+    ("ray worker starting", ("default_worker.py",)),
 ]
 IDLE = "ray::IDLE"
 
 
-def classify(cmdline: str) -> str | None:
+def classify(cmd: str) -> str:
     for kind, needles in KINDS:
-        if any(n in cmdline for n in needles):
+        if any(n in cmd for n in needles):
             return kind
-    return None
+    return "ray worker (other)" if cmd.startswith("ray::") else "ray daemons"
+
+
+def label_samples(samples: list[dict]) -> None:
+    """Sets each process's "kind"; a pooled worker between tasks (ray::IDLE) keeps its last task's kind."""
+    last: dict[int, str] = {}
+    for sample in samples:
+        for p in sample["procs"]:
+            if p["cmd"].startswith(IDLE):
+                p["kind"] = last.get(p["pid"], "idle ray worker")
+            else:
+                p["kind"] = last[p["pid"]] = classify(p["cmd"])
+
+
+def object_store_private(proc: psutil.Process) -> int:
+    """Bytes of the object store's shared memory (/dev/shm/plasma...) that only this process has touched:
+    they count in its USS, yet are Ray's object store, not the process's own heap."""
+    total = 0
+    for m in proc.memory_maps(grouped=True):
+        if m.path.startswith("/dev/shm") or "plasma" in m.path:
+            total += m.private_clean + m.private_dirty
+    return total
 
 
 class Sampler(threading.Thread):
-    """Samples the driver's process tree and the Ray cluster's every `interval` seconds."""
+    """Samples every process of the Ray cluster (the flow's driver included) every `interval` seconds."""
 
     def __init__(self, ray_pid: int, interval: float) -> None:
         super().__init__(daemon=True)
         self.ray_pid, self.interval = ray_pid, interval
-        self.driver_pid: int | None = None
-        self.samples: list[dict] = []  # {"t", "procs": [{"pid", "kind", "rss", "uss", "pss"}], "available"}
-        self.last_kind: dict[int, str] = {}  # a pooled worker between tasks keeps the kind of its last task
+        self.samples: list[dict] = []  # {"t", "procs": [{"pid", "cmd", "rss", "uss", "pss", "shm"}], "available"}
         self.stop_event = threading.Event()
-
-    def _tree(self, pid: int) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
 
     def sample(self) -> None:
         t = time.monotonic()
+        try:
+            root = psutil.Process(self.ray_pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            tree = []
         procs = []
-        driver_tree = {p.pid for p in self._tree(self.driver_pid)} if self.driver_pid else set()
-        for proc in self._tree(self.ray_pid) + (self._tree(self.driver_pid) if self.driver_pid else []):
+        for proc in tree:
             try:
                 cmd = " ".join(proc.cmdline()) or proc.name()
                 mem = proc.memory_full_info()
+                shm = object_store_private(proc)
             except psutil.Error:
                 continue
-            if proc.pid in driver_tree:
-                kind = "driver (+children)"
-            elif cmd.startswith(IDLE):
-                kind = self.last_kind.get(proc.pid, "idle ray worker")
-            else:
-                kind = classify(cmd) or ("ray worker (other)" if cmd.startswith("ray::") else "ray daemons")
-                self.last_kind[proc.pid] = kind
-            procs.append({"pid": proc.pid, "kind": kind, "rss": mem.rss, "uss": mem.uss, "pss": mem.pss,
-                          "cmd": cmd[:60]})
+            procs.append({"pid": proc.pid, "cmd": cmd[:200], "rss": mem.rss, "uss": mem.uss, "pss": mem.pss,
+                          "shm": shm})
         self.samples.append({"t": t, "procs": procs, "available": psutil.virtual_memory().available})
 
     def run(self) -> None:
@@ -126,15 +137,19 @@ def step_windows(events: list[tuple[float, str]]) -> list[dict]:
     return [steps[i] for i in sorted(steps)]
 
 
+FIELDS = ("rss", "uss", "pss", "heap", "max_rss", "n")
+
+
 def per_kind(sample: dict) -> dict[str, dict[str, float]]:
-    """{kind: {rss, uss, pss (sums, MiB), max_rss (largest single process, MiB), n}} of one sample."""
-    out: dict[str, dict[str, float]] = defaultdict(lambda: {"rss": 0.0, "uss": 0.0, "pss": 0.0, "max_rss": 0.0,
-                                                            "n": 0})
+    """{kind: {rss, uss, pss, heap = USS without object-store pages (sums, MiB), max_rss (largest single
+    process, MiB), n}} of one sample."""
+    out: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0.0))
     for p in sample["procs"]:
         for k in (out[p["kind"]], out["ALL processes"]):
             k["rss"] += p["rss"] / MiB
             k["uss"] += p["uss"] / MiB
             k["pss"] += p["pss"] / MiB
+            k["heap"] += (p["uss"] - p.get("shm", 0)) / MiB
             k["max_rss"] = max(k["max_rss"], p["rss"] / MiB)
             k["n"] += 1
     return out
@@ -145,12 +160,11 @@ def analyse(samples: list[dict], steps: list[dict]) -> dict:
     result: dict = {"steps": []}
     for step in steps:
         window = [s for s in samples if step["start"] <= s["t"] <= (step["end"] or float("inf"))]
-        peaks: dict[str, dict[str, float]] = defaultdict(lambda: {"rss": 0.0, "uss": 0.0, "pss": 0.0,
-                                                                  "max_rss": 0.0, "n": 0})
+        peaks: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0.0))
         end: dict[str, dict[str, float]] = {}
         for s in window:
             for kind, v in per_kind(s).items():
-                for key in ("rss", "uss", "pss", "max_rss", "n"):
+                for key in FIELDS:
                     peaks[kind][key] = max(peaks[kind][key], v[key])
                 end[kind] = v  # last sample of the window in which the kind was present
         result["steps"].append({**step, "wall_s": (step["end"] or window[-1]["t"]) - step["start"] if window else None,
@@ -174,27 +188,30 @@ def print_report(report: dict) -> None:
                                                                            for s in steps))
     head = "".join(f"  step {s['index']} (k{s['kind']})" for s in steps)
     print(f"\npeak RSS per process kind, MiB: sum over its processes / largest one / most processes at once\n"
-          f"{'process kind':<26}{head}")
+          f"{'process kind':<24}{head}")
     for kind in kinds:
         cells = []
         for s in steps:
             p = s["peak"].get(kind)
             cells.append(f"{p['rss']:7.0f}/{p['max_rss']:5.0f}/{p['n']:<2.0f}" if p else f"{'-':>16}")
-        print(f"{kind:<26}" + "".join(f"  {c:>16}" for c in cells))
-    print(f"\npeak USS (unique memory) per process kind, MiB\n{'process kind':<26}{head}")
+        print(f"{kind:<24}" + "".join(f"  {c:>16}" for c in cells))
+    print(f"\npeak USS (unique memory) per process kind, MiB: all / without the object-store pages it holds\n"
+          f"{'process kind':<24}{head}")
     for kind in kinds:
-        cells = [f"{s['peak'][kind]['uss']:.0f}" if kind in s["peak"] else "-" for s in steps]
-        print(f"{kind:<26}" + "".join(f"  {c:>16}" for c in cells))
+        cells = [f"{s['peak'][kind]['uss']:.0f}/{s['peak'][kind]['heap']:.0f}" if kind in s["peak"] else "-"
+                 for s in steps]
+        print(f"{kind:<24}" + "".join(f"  {c:>16}" for c in cells))
     by_index = {s["index"]: s for s in steps}
     if 0 in by_index and 2 in by_index:
         print("\nleak check: memory at the end of step 3 (index 2) vs the end of step 1 (index 0), MiB")
-        print(f"{'process kind':<26}{'RSS end s1':>11}{'RSS end s3':>11}{'delta':>8}{'USS end s1':>11}"
-              f"{'USS end s3':>11}{'delta':>8}")
+        print(f"{'process kind':<24}" + "".join(f"{c:>11}" for c in ("RSS s1", "RSS s3", "delta", "USS s1",
+                                                                     "USS s3", "delta", "heap s1", "heap s3",
+                                                                     "delta")))
         for kind in kinds:
             a, b = by_index[0]["at_end"].get(kind), by_index[2]["at_end"].get(kind)
             if a and b:
-                print(f"{kind:<26}{a['rss']:11.0f}{b['rss']:11.0f}{b['rss'] - a['rss']:+8.0f}"
-                      f"{a['uss']:11.0f}{b['uss']:11.0f}{b['uss'] - a['uss']:+8.0f}")
+                print(f"{kind:<24}" + "".join(f"{a[k]:11.0f}{b[k]:11.0f}{b[k] - a[k]:+11.0f}"
+                                              for k in ("rss", "uss", "heap")))
     print("\nwall time per step (training + validation + tracking)")
     for s in steps:
         m = report["mlflow"].get(s["index"], {})
@@ -209,6 +226,7 @@ def print_report(report: dict) -> None:
 def write_report(raw: dict, path: Path) -> None:
     """Print the tables and write them, with the per-kind timeline, to `path` (JSON)."""
     samples = raw["samples"]
+    label_samples(samples)
     report = {k: v for k, v in raw.items() if k not in ("samples", "events")}
     report["min_available_mib"] = min(s["available"] for s in samples) / MiB
     report["analysis"] = analyse(samples, step_windows(raw["events"]))
@@ -271,13 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         ray_svc = stack.start_ray(num_cpus=2)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         env.update(stack.env())
-        env["RAY_ADDRESS"] = f"127.0.0.1:{ray_svc.info['gcs_port']}"  # this cluster's GCS, never another's
+        # As a user submits it (tests/conftest.py): the driver runs on the cluster, under its job supervisor.
+        # RAY_ADDRESS pins the driver and the workers to this cluster's GCS, never another on this host.
+        job_env = {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                   "RAY_ADDRESS": f"127.0.0.1:{ray_svc.info['gcs_port']}"}
         sampler = Sampler(ray_svc.pid, args.interval)
         sampler.start()
         flow_start = time.monotonic()
-        driver = subprocess.Popen([sys.executable, "flows/eqface.py", "--config", "configs/default.yaml", *overrides],
-                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler.driver_pid = driver.pid
+        driver = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"],
+             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+             "python", "flows/eqface.py", "--config", "configs/default.yaml", *overrides],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         events: list[tuple[float, str]] = []
         tail: list[str] = []
 
