@@ -51,13 +51,14 @@ STEP_DONE = re.compile(r"\[eqface\] step (\d+) done")
 # Ray names a worker process after what it runs (setproctitle); the first match wins.
 KINDS = [
     ("driver", ("flows/eqface.py",)),
-    ("train worker", ("RayTrainWorker", "_setup_torch_process_group")),
+    ("train worker", ("RayTrainWorker", "_setup_torch_process_group", "_propagate_data_context")),
     ("train controller/actors", ("TrainController", "PlacementGroupCleaner", "SynchronizationActor", "_RunLease",
                                  "_RowTally", "PreemptionWatcher", "TrainStateActor")),
-    ("ray data task", ("ReadParquet", "MapBatches", "_read_row_group", "decode_batch", "split_block")),
+    ("ray data task", ("ReadParquet", "MapBatches", "_read_row_group", "decode_batch", "_split_single_block")),
     ("ray data actors", ("SplitCoordinator", "_StatsActor", "AutoscalingCoordinator", "DatasetManager")),
     ("validation task", ("validate_checkpoints",)),
     ("ray worker starting", ("default_worker.py",)),
+    ("ray daemons", ("DashboardAgent", "RuntimeEnvAgent", "JobSupervisor")),
 ]
 IDLE = "ray::IDLE"
 
