@@ -225,31 +225,15 @@ def decode_batch(
 
 
 def dataset_error_from(exc: BaseException) -> DatasetError | None:
-    """The DatasetError behind an exception from a Ray Data pipeline, or None.
+    """The DatasetError behind an exception from a Ray Data pipeline or a Ray Train worker, or None: the object
+    itself where Ray kept it, else one rebuilt from the message in Ray's formatted traceback."""
+    from infra.ray_errors import exception_chain, remote_error_message
 
-    Ray re-raises task failures as RayTaskError(UserCodeException) whose cause chain no longer holds the
-    DatasetError object, only its formatted traceback; this recovers the message from either.
-    """
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        e = pending.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if isinstance(e, DatasetError):
             return e
-        pending += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        pending += list((getattr(e, "worker_failures", None) or {}).values())  # Ray Train's WorkerGroupError
-    # A WorkerGroupError's own text is a truncated snippet; its workers' errors hold the whole message.
-    texts = [str(e) for e in (exc, *(getattr(exc, "worker_failures", None) or {}).values())]
-    marker = f"{DatasetError.__module__}.{DatasetError.__name__}: "
-    for text in reversed(texts):
-        for line in reversed(text.splitlines()):
-            for prefix in (marker, "DatasetError: "):
-                if prefix in line:
-                    return DatasetError(line.split(prefix, 1)[1].strip())
-    return None
+    message = remote_error_message(exc, DatasetError)
+    return None if message is None else DatasetError(message)
 
 
 def read_row_groups(uri: str) -> ray.data.Dataset:

@@ -173,20 +173,15 @@ def storage_failure(exc: BaseException) -> str | None:
     the errno only in their text ("[errno 28] No space left on device"), so both are read."""
     import re
 
+    from infra.ray_errors import exception_chain
+
     reasons = _storage_reasons()
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        e = pending.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in exception_chain(exc):
         if getattr(e, "errno", None) in reasons:
             return reasons[e.errno]
         for code in re.findall(r"\[errno (\d+)\]", str(e), flags=re.IGNORECASE):
             if int(code) in reasons:
                 return reasons[int(code)]
-        pending += [e.__cause__, e.__context__]
     return None
 
 
@@ -196,10 +191,11 @@ def storage_error_from(exc: BaseException, storage_uri: str) -> CheckpointStorag
     Ray hands the driver the workers' errors as formatted tracebacks, so the worker's own message is
     recovered from the text; a failure outside it (the controller writing its run state) is named here.
     """
-    marker = f"{CheckpointStorageError.__name__}: "
-    for line in reversed(str(exc).splitlines()):
-        if marker in line:
-            return CheckpointStorageError(line.split(marker, 1)[1].strip())
+    from infra.ray_errors import remote_error_message
+
+    message = remote_error_message(exc, CheckpointStorageError)
+    if message is not None:
+        return CheckpointStorageError(message)
     reason = storage_failure(exc)
     if reason is None:
         return None

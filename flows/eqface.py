@@ -290,16 +290,6 @@ def parse_args(argv: list[str] | None) -> Config:
     return load_config(files, args.overrides)
 
 
-def _worker_error_message(exc: BaseException, cls: type) -> str | None:
-    """The message of a `cls` error raised inside a Ray Train worker: Ray's WorkerGroupError keeps only the
-    workers' formatted tracebacks, whose last line for it reads '<module>.<Class>: <message>'."""
-    marker = f"{cls.__name__}: "
-    for line in reversed(str(exc).splitlines()):
-        if marker in line:
-            return line.split(marker, 1)[1].strip()
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
@@ -313,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         from flows.checkpoints import CheckpointStorageError
         from flows.tracking import TrackingOutageError
         from flows.train_step import NonFiniteLossError
+        from infra.ray_errors import remote_error_message
 
         if isinstance(exc, (NonFiniteLossError, CheckpointStorageError)):  # the workers' logs hold the rest
             print(f"eqface: error: {exc}", file=sys.stderr)
             return 1
-        outage = _worker_error_message(exc, TrackingOutageError)  # raised in a worker: Ray keeps only its text
+        outage = remote_error_message(exc, TrackingOutageError)  # raised in a worker: Ray keeps only its text
         if outage is not None:
             print(f"eqface: error: {outage}", file=sys.stderr)
             return 1

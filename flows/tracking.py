@@ -37,8 +37,10 @@ TAG_LAST_GOOD = "eqface.last_good_checkpoint"  # a diverged step's latest checkp
 PARENT = "mlflow.parentRunId"
 # How long marking a failed run waits for MLflow (it may be the reason the step failed).
 FAIL_BUDGET_S = 10.0
-# Settings that may change between a flow and its resume without changing what it computes.
-RESUMABLE_CHANGES = ("scaling.", "tracking.", "flow.max_failures", "flow.checkpoints_to_keep")
+# Settings that may change between a flow and its resume without changing what it computes, and
+# data.skip_corrupt: the way on after a step stopped at a corrupt image (the skipped rows are then logged
+# as the step's `corrupt_images_skipped` metric and `eqface.skipped_rows` tag).
+RESUMABLE_CHANGES = ("scaling.", "tracking.", "flow.max_failures", "flow.checkpoints_to_keep", "data.skip_corrupt")
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:

@@ -253,6 +253,18 @@ def test_corrupt_image_stops_the_flow_naming_shard_and_row(stack, data_root, val
     assert runs["step"].info.status == runs["flow"].info.status == "FAILED"
     assert expected in runs["step"].data.tags["eqface.error"]
 
+    # The way on: the same flow again with data.skip_corrupt=true resumes it (the only config change allowed
+    # besides scaling/tracking) in the same runs, skipping and counting the bad row.
+    proc = submit_flow(stack, flow_args(name, data_root, train, val_set, "data.skip_corrupt=true"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
+    resumed = runs_of(client, name)
+    assert sorted(r.data.tags["eqface.role"] for r in resumed) == ["flow", "step", "step"]  # steps 1 and 2
+    step1 = client.get_run(runs["step"].info.run_id)
+    assert step1.info.status == "FINISHED" and step1.data.metrics["corrupt_images_skipped"] == 1
+    assert step1.data.tags["eqface.skipped_rows"].startswith(f"{train / shard} row {row}")
+    assert file_digests(train) == before
+
 
 @pytest.mark.integration
 def test_skip_corrupt_skips_counts_and_reports_bad_rows(stack, data_root, val_set):
@@ -353,7 +365,7 @@ def run_cli(module: str, args: list[str], env: dict[str, str], timeout: float = 
 
 @pytest.fixture(scope="module")
 def tiny_net(data_root) -> Path:
-    from tests.test_score_cli import tiny_model
+    from tests.tiny_model import tiny_model
 
     return tiny_model(data_root / "net.pt")
 

@@ -1,7 +1,6 @@
 """`python -m flows.evaluate` on a tiny model, a labelled synthetic shard set and a pairs dataset."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,27 +11,11 @@ from data.shards import write_dataset
 from data.synthetic import SyntheticSpec, generate_rows, identity_name
 from evaluation import flip_sum_embeddings, make_pairs, quality_correlation, verify, yaleb_light_angle
 from flows import evaluate
-from models import build_eqface_net, load_eqface_net, save_eqface_net
+from models import load_eqface_net
+from tests.tiny_model import tiny_model
 
 SPEC = SyntheticSpec(num_identities=8, train_per_identity=8, val_per_identity=1, image_size=32)
 PLOTS = ["erc_fixed.png", "erc_recomputed.png", "roc.png", "quality_histogram.png", "quality_extremes.png"]
-
-
-def tiny_model(path: Path) -> Path:
-    """An untrained tiny EQFaceNet whose quality branch is spread so images get different scores."""
-    torch.manual_seed(0)
-    net = build_eqface_net(
-        backbone="mobilefacenet", input_size=32, width_mult=0.25, embedding_size=16, quality_hidden=8
-    ).eval()
-    with torch.no_grad():
-        _, feature_map = net.backbone(torch.rand(64, 3, 32, 32) * 2 - 1)
-        hidden = net.quality.fc1(torch.flatten(feature_map, 1))
-        net.quality.bn.running_mean.copy_(hidden.mean(0))
-        net.quality.bn.running_var.copy_(hidden.var(0))
-        net.quality.fc2.weight.normal_(0, 1.5)
-        net.quality.fc2.bias.zero_()
-    save_eqface_net(net, path)
-    return path
 
 
 def yaleb_name(k: int) -> str:

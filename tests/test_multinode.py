@@ -159,12 +159,22 @@ def test_each_step_trained_on_both_nodes(flow):
     by_group = defaultdict(list)
     for worker in flow["workers"]:
         by_group[worker["placement_group_id"]].append(worker)
-    # One placement group per Ray Train step (4 on the tiny flow), no restarted worker groups.
-    assert len(by_group) == 4, by_group.keys()
+    # One placement group per Ray Train step (4 on the tiny flow). A worker group Ray Train had to start again
+    # because its start-up timed out or failed (the controller's retries, e.g. a worker process slow to start
+    # on a loaded 2-core CI machine) adds a group; a restart after a training failure may not.
+    retries = _failure_policy_reports(flow["proc"].stdout)
+    assert not [r for r in retries if "Source: controller" not in r], "\n\n".join(retries)
+    assert len(by_group) == 4 + len(retries), (by_group.keys(), retries)
     for group, workers in by_group.items():
         assert len(workers) == 2, group
         assert sorted(names[w["node_id"]] for w in workers) == ["eqface_node_1", "head"], group
         assert all(w["state"] == "DEAD" for w in workers)  # the steps are over
+
+
+def _failure_policy_reports(log: str) -> list[str]:
+    """Ray Train's "[FailurePolicy] RETRY|RAISE" reports in a job log: decision, source, count, error."""
+    lines = log.splitlines()
+    return ["\n".join(lines[i:i + 4]) for i, line in enumerate(lines) if "[FailurePolicy]" in line]
 
 
 def test_flow_completes_with_checkpoints_on_s3_that_load(flow, cluster, monkeypatch):

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from flows import score
-from models import build_eqface_net, save_eqface_net
+from tests.tiny_model import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ["a.png", "b.jpg", "sub/grey.png", "sub/rgba.png", "sub/deep/sixteen.png", "c.BMP"]
@@ -24,23 +23,6 @@ BAD = {
     "bomb.png": "decompression bomb",
     "cut.jpg": "Truncated",
 }
-
-
-def tiny_model(path: Path) -> Path:
-    """An untrained tiny EQFaceNet whose quality branch is spread so images get different scores."""
-    torch.manual_seed(0)
-    net = build_eqface_net(
-        backbone="mobilefacenet", input_size=32, width_mult=0.25, embedding_size=16, quality_hidden=8
-    ).eval()
-    with torch.no_grad():
-        _, feature_map = net.backbone(torch.rand(64, 3, 32, 32) * 2 - 1)
-        hidden = net.quality.fc1(torch.flatten(feature_map, 1))
-        net.quality.bn.running_mean.copy_(hidden.mean(0))
-        net.quality.bn.running_var.copy_(hidden.var(0))
-        net.quality.fc2.weight.normal_(0, 1.5)
-        net.quality.fc2.bias.zero_()
-    save_eqface_net(net, path)
-    return path
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
