@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from benchmarks.set_aggregation import (
+    DECIDE_SWEEP,
     degradation_profile,
     drift,
+    format_results,
     make_synthetic_tracks,
+    online_wins,
     run_protocol,
 )
 from data.synthetic import SyntheticSpec, sample_variation
@@ -119,6 +122,19 @@ def test_online_aggregator_decides_with_fewer_frames_than_a_window_at_equal_accu
     assert online["online_mean_frames"] < window, online
     # The window needs many frames because its first ones are often the degraded ones.
     assert online["window_accuracy"][1] < online["online_accuracy"]
+
+
+def test_online_sweep_trades_frames_for_accuracy_and_beats_the_window_at_most_points(tracks):
+    sets, labels = noisy_sets(tracks)
+    res = run_protocol(sets, labels, seed=0)
+    sweep = res["online_sweep"]
+    median = float(np.median(np.concatenate([q for _, q in sets])))
+    assert [p["decide_at"] for p in sweep] == pytest.approx([m * median for m in DECIDE_SWEEP])
+    frames = [p["online_mean_frames"] for p in sweep]
+    assert frames == sorted(frames) and frames[-1] > frames[0]  # a later decision reads more frames
+    assert sweep[DECIDE_SWEEP.index(3.0)]["online_accuracy"] == res["online"]["online_accuracy"]  # the default
+    assert sum(online_wins(p) for p in sweep) >= 4, sweep
+    assert "the online aggregator needs fewer frames than the window at" in format_results("t", res)
 
 
 def test_tiny_model_training_runs_step_1_then_step_2_on_the_right_parts():
