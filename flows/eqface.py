@@ -69,45 +69,16 @@ def prepare_datasets(cfg: Config) -> Datasets:
 def run_step(cfg: Config, step: PlannedStep, data: Datasets, run_id: str, tracking_uri: str,
              init_ckpt, teacher_ckpt, ray_run_name: str):
     """One Ray Train job; returns its final ray.train.Checkpoint."""
-    import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from data import storage
-    from data.pipeline import corrupt_row_tally, ingest_data_config, training_dataset
+    from data.pipeline import corrupt_row_tally
     from flows import checkpoints
-    from flows.train_step import DIVERGED_MARKER, StepSpec, read_divergence, train_loop_per_worker
+    from flows.train_step import StepSpec, read_divergence, step_trainer
 
     spec = StepSpec(step.kind, step.index, step.loop, data.num_classes, run_id, tracking_uri,
                     init_checkpoint=init_ckpt, teacher_checkpoint=teacher_ckpt)
     tally = corrupt_row_tally() if cfg.data.skip_corrupt else None  # counts what the decode tasks skip
-    dataset = training_dataset(data.train, image_size=cfg.data.image_size, augment=cfg.data.augment,
-                               seed=cfg.flow.seed + step.index, skip_corrupt=cfg.data.skip_corrupt, tally=tally,
-                               augment_per_epoch=not cfg.data.deterministic)
-    fs, storage_path = storage.resolve(cfg.flow.storage)
-    if not storage.is_s3(cfg.flow.storage):
-        os.makedirs(storage_path, exist_ok=True)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
-    marker = storage.join(cfg.flow.storage, ray_run_name, DIVERGED_MARKER)
-    if storage.exists(marker):  # a resumed step that diverged before: it gets its try, from its last checkpoint
-        fs.delete_file(storage.resolve(marker)[1])
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "step": spec, "samples": data.num_train,
-                           "diverged_marker": marker},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=cfg.scaling.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=ray_run_name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.flow.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.flow.checkpoints_to_keep),
-        ),
-        datasets={"train": dataset},
-        dataset_config=ingest_data_config(preserve_order=True) if cfg.data.deterministic else None,
-    )
+    trainer, marker = step_trainer(cfg, spec, data.train, data.num_train, ray_run_name, tally=tally)
     try:
         with train_run_lease(ray_run_name):
             result = trainer.fit()

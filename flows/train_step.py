@@ -405,6 +405,50 @@ def _stop_diverged(spec: StepSpec, loop_config: dict[str, Any], what: str, epoch
     return True
 
 
+def step_trainer(cfg: Config, spec: StepSpec, train_uri: str, samples: int, run_name: str, *,
+                 storage_uri: str | None = None, checkpoints_to_keep: int | None = None, callbacks=(),
+                 loop_extra: dict[str, Any] | None = None, tally: Any = None):
+    """The Ray Train job of one step, as the flow and the margin search both run it: the step's Ray Data
+    pipeline (seeded by the step's index), DDP over `cfg.scaling`, checkpoints in `storage_uri/run_name`
+    (a stable name: the same step started again continues from its last checkpoint), `flow.max_failures`
+    restarts, and a divergence marker instead of retries. Returns (TorchTrainer, marker URI): after `fit()`,
+    `read_divergence(marker)` says whether the step stopped on non-finite loss or weights."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from data import storage
+    from data.pipeline import ingest_data_config, training_dataset
+
+    storage_uri = storage_uri or cfg.flow.storage
+    dataset = training_dataset(train_uri, image_size=cfg.data.image_size, augment=cfg.data.augment,
+                               seed=cfg.flow.seed + spec.index, skip_corrupt=cfg.data.skip_corrupt, tally=tally,
+                               augment_per_epoch=not cfg.data.deterministic)
+    fs, storage_path = storage.resolve(storage_uri)
+    if not storage.is_s3(storage_uri):
+        os.makedirs(storage_path, exist_ok=True)
+    marker = storage.join(storage_uri, run_name, DIVERGED_MARKER)
+    if storage.exists(marker):  # a resumed step that diverged before: it gets its try, from its last checkpoint
+        fs.delete_file(storage.resolve(marker)[1])
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "step": spec, "samples": samples, "diverged_marker": marker,
+                           **(loop_extra or {})},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=fs, callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.flow.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=checkpoints_to_keep or cfg.flow.checkpoints_to_keep),
+        ),
+        datasets={"train": dataset},
+        dataset_config=ingest_data_config(preserve_order=True) if cfg.data.deterministic else None,
+    )
+    return trainer, marker
+
+
 def read_divergence(marker: str) -> dict[str, Any] | None:
     """The record `_stop_diverged` left, or None."""
     import json

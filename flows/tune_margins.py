@@ -411,60 +411,33 @@ class TrialSetup:
 
 
 def run_trial(sample: dict[str, Any], setup: TrialSetup) -> None:
-    """One trial: step 1 (then step 2) with the trial's margins; every epoch reports to Tune."""
-    import ray.train
+    """One trial: step 1 (then step 2) with the trial's margins; every epoch reports to Tune. Each step is the
+    flow's own Ray Train job (`step_trainer`); a step that diverges ends the trial (no retries), not the search."""
     import ray.tune
-    from ray.train.torch import TorchTrainer
 
-    from data import storage
-    from data.pipeline import training_dataset
-    from flows.train_step import StepSpec, train_loop_per_worker
+    from flows.train_step import NonFiniteLossError, StepSpec, read_divergence, step_trainer
 
     cfg = apply_overrides(setup.base, trial_overrides(sample))
     trial_id = ray.tune.get_context().get_trial_id()
-    fs, storage_path = storage.resolve(setup.train_storage)
-    if not storage.is_s3(setup.train_storage):
-        os.makedirs(storage_path, exist_ok=True)
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
     checkpoint, offset = None, 0
     for index, kind in enumerate(setup.steps):  # the flow's plan starts 1, 2: same indices, same seeds
         spec = StepSpec(
             kind, index, 0, setup.num_classes, mlflow_run_id="", tracking_uri="", init_checkpoint=checkpoint
         )
         reports = kind in setup.reporting
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "config": cfg.to_dict(),
-                "step": spec,
-                "samples": setup.num_train,
-                "val_each_epoch": {"uri": setup.val_uri, "limit": setup.val_limit},
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers,
-                use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker=resources,
-            ),
-            run_config=ray.train.RunConfig(
-                # Stable per trial and step: a trial restarted by `--resume` continues from its checkpoint.
-                name=f"{trial_id}-step{kind}",
-                storage_path=storage_path,
-                storage_filesystem=fs,
-                callbacks=[epoch_report_callback(offset, kind)] if reports else [],
-                failure_config=ray.train.FailureConfig(max_failures=cfg.flow.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            ),
-            datasets={
-                "train": training_dataset(
-                    setup.train_uri,
-                    image_size=cfg.data.image_size,
-                    augment=cfg.data.augment,
-                    seed=cfg.flow.seed + index,
-                    skip_corrupt=cfg.data.skip_corrupt,
-                )
-            },
+        trainer, marker = step_trainer(
+            cfg, spec, setup.train_uri, setup.num_train,
+            # Stable per trial and step: a trial restarted by `--resume` continues from its checkpoint.
+            f"{trial_id}-step{kind}",
+            storage_uri=setup.train_storage,
+            checkpoints_to_keep=1,
+            callbacks=[epoch_report_callback(offset, kind)] if reports else [],
+            loop_extra={"val_each_epoch": {"uri": setup.val_uri, "limit": setup.val_limit}},
         )
         result = trainer.fit()
+        diverged = read_divergence(marker)
+        if diverged is not None:
+            raise NonFiniteLossError(f"trial {trial_id}: {diverged['message']} (these margins do not train)")
         if result.checkpoint is None:
             raise RuntimeError(f"trial {trial_id}: step {kind} returned no checkpoint")
         checkpoint = result.checkpoint
@@ -757,8 +730,12 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
     data = prepare_datasets(cfg)
     if not data.val:
         raise ConfigError("data.val: a held-out split is needed for the search objective")
+    from flows import preflight
+
+    preflight.check_data_fits(cfg, data.num_classes, data.num_train)
 
     ray.init()
+    preflight.check_cluster(cfg)  # one trial must fit (GPUs, CPUs + Ray Data), or Tune would wait forever
     warn_if_cleaner_is_blind()
     cluster = ray.cluster_resources()
     concurrent, cpus_per_worker = plan_trials(cluster, cfg, space.max_concurrent_trials)

@@ -198,6 +198,26 @@ def submit_search(stack, args: list[str], timeout: float = 600) -> subprocess.Co
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration
+def test_a_search_the_cluster_cannot_host_fails_at_once(stack, tmp_path):
+    """The flow's preflight: GPUs the cluster lacks are one line and exit 2, not trials waiting forever."""
+    from mlflow.tracking import MlflowClient
+
+    name = f"nogpu-{uuid.uuid4().hex[:6]}"
+    args = ["--space", "configs/tune_tiny.yaml", "--config", "configs/default.yaml", "--config", "configs/tiny.yaml",
+            "--name", name, "--out", str(tmp_path / "out"), "--storage", str(tmp_path / "storage"),
+            f"data.cache_root={tmp_path / 'data'}", *TINY_OVERRIDES, "scaling.use_gpu=true"]
+    proc = submit_search(stack, args, timeout=300)
+    assert proc.returncode != 0
+    assert ("tune_margins: error: scaling.use_gpu: 1 workers need 1 GPUs (1 each) but the Ray cluster has 0"
+            in proc.stdout + proc.stderr), proc.stdout[-3000:] + proc.stderr[-2000:]
+    client = MlflowClient(stack.env()["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("eqface")
+    assert experiment is None or not client.search_runs([experiment.experiment_id],
+                                                        f"tags.`eqface.search` = '{name}'")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def search(stack, tmp_path_factory):
     from mlflow.tracking import MlflowClient
