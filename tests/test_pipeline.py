@@ -19,7 +19,7 @@ from data.pipeline import (
     to_model_input,
     training_dataset,
 )
-from data.shards import DatasetError, write_dataset
+from data.shards import DatasetError, shard_uris, write_dataset
 
 IDS = [f"id{i}" for i in range(4)]
 
@@ -186,3 +186,22 @@ def test_ray_pipeline_corrupt_rows(ray_local, tmp_path):
     # the exact shard and row in it, from the row-group reader
     shard = re.escape(f"{uri}/part-00000.parquet")
     assert re.fullmatch(rf"corrupt image at {shard} row 5 \(identity=id1, source=s5\): .*", str(error))
+
+
+def test_each_row_group_decodes_in_its_own_task(ray_local, tmp_path, monkeypatch):
+    """Row groups spread over the CPUs and stream: one decoded block per row group. (A decode batch_size
+    counted in row groups once put every group of a small dataset into one task, on one core.)"""
+    import pyarrow.parquet as pq
+
+    from data import shards
+
+    monkeypatch.setattr(shards, "ROW_GROUP_BYTES", 4_000)
+    uri = str(tmp_path / "groups")
+    rows = [{"image": encode(pattern(i, size=24)), "label": i % 4, "identity": IDS[i % 4], "source": f"s{i}"}
+            for i in range(60)]
+    write_dataset(uri, rows, label_to_identity=IDS)
+    groups = sum(pq.read_metadata(s).num_row_groups for s in shard_uris(uri))
+    assert groups >= 4
+    ds = training_dataset(uri, image_size=16, augment=None).materialize()
+    assert ds.num_blocks() == groups
+    assert ds.count() == 60
