@@ -14,15 +14,16 @@ def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
     """`exc` and every exception behind it (`__cause__`, `__context__`, Ray's `.cause` and a WorkerGroupError's
     `.worker_failures`), each once."""
     seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
+    pending: list[object] = [exc]
     while pending:
         e = pending.pop()
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:  # None, or a `.cause` that is not an exception
             continue
         seen.add(id(e))
         yield e
         pending += [getattr(e, "cause", None), e.__cause__, e.__context__]
-        pending += list((getattr(e, "worker_failures", None) or {}).values())
+        failures = getattr(e, "worker_failures", None)
+        pending += list(failures.values()) if isinstance(failures, dict) else []
 
 
 def remote_error_message(exc: BaseException, cls: type) -> str | None:

@@ -38,6 +38,9 @@ def test_chain_visits_causes_contexts_ray_causes_and_worker_failures_once():
     assert chain[0] is top
     assert sorted(map(str, chain)) == sorted(["1 worker failed", "while handling", "task failed", "inner"])
     assert list(exception_chain(None)) == []
+    odd = RuntimeError("odd")
+    odd.cause, odd.worker_failures = "not an exception", ["not a dict"]
+    assert list(exception_chain(odd)) == [odd]
 
 
 def test_message_comes_from_the_workers_full_traceback_not_the_snippet():
