@@ -100,37 +100,14 @@ def decode_image(data: bytes, image_size: int, expect_size: tuple[int, int] | No
 
 def _row_name(batch: dict[str, np.ndarray], i: int, dataset: str | None = None) -> str:
     """'<shard> row N (identity=.., source=..)' when the batch carries its shard's path (Ray Data's
-    include_paths, load_arrays) and the dataset URI is known; else 'row i of batch (...)'."""
+    row-group reader, load_arrays) and the dataset URI is known; else 'row i of batch (...)'."""
     parts = [f"{key}={batch[key][i]!s}" for key in ("identity", "source") if key in batch]
     suffix = f" ({', '.join(parts)})" if parts else ""
     if dataset and "path" in batch:
         shard = storage.join(dataset, posixpath.basename(str(batch["path"][i])))
-        row = int(batch["row"][i]) if "row" in batch else _row_in_shard(shard, batch, i)
-        return f"{shard} row {'?' if row is None else row}{suffix}"
+        row = int(batch["row"][i]) if "row" in batch else "?"
+        return f"{shard} row {row}{suffix}"
     return f"row {i} of batch{suffix}"
-
-
-@functools.lru_cache(maxsize=4)
-def _shard_sources(shard_uri: str) -> list:
-    fs, path = storage.resolve(shard_uri)
-    return pq.read_table(path, filesystem=fs, columns=["source"]).column("source").to_pylist()
-
-
-def _row_in_shard(shard_uri: str, batch: dict[str, np.ndarray], i: int) -> int | None:
-    """Row of batch row i within its shard file, found by its source (then its bytes if sources repeat):
-    Ray Data does not say where in a file a block starts. Runs only on the error/skip path."""
-    try:
-        sources = _shard_sources(shard_uri)
-        want = str(batch["source"][i]) if "source" in batch else None
-        rows = [r for r, s in enumerate(sources) if want is None or s == want]
-        if len(rows) > 1:
-            fs, path = storage.resolve(shard_uri)
-            images = pq.read_table(path, filesystem=fs, columns=["image"]).column("image")
-            data = bytes(batch["image"][i] or b"")
-            rows = [r for r in rows if (images[r].as_py() or b"") == data]
-        return rows[0] if rows else None
-    except Exception:  # noqa: BLE001 - naming the row must never hide the error being reported
-        return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -384,7 +361,9 @@ def load_arrays(
         table = table.slice(0, remaining)
         remaining -= table.num_rows
         batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in want}
-        batch["path"] = np.full(table.num_rows, storage.resolve(shard_uri)[1], dtype=object)  # names bad rows
+        # where a bad row is: the shard and the row in it (the slice starts at the shard's first row)
+        batch["path"] = np.full(table.num_rows, storage.resolve(shard_uri)[1], dtype=object)
+        batch["row"] = np.arange(table.num_rows, dtype=np.int64)
         decoded = decode_batch(batch, image_size=image_size, augment=None, seed=0, dataset=uri)
         images.append(decoded["image"])
         labels.append(decoded["label"])
