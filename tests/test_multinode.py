@@ -172,9 +172,11 @@ def test_each_step_trained_on_both_nodes(flow):
 
 
 def _failure_policy_reports(log: str) -> list[str]:
-    """Ray Train's "[FailurePolicy] RETRY|RAISE" reports in a job log: decision, source, count, error."""
+    """Ray Train's "[FailurePolicy] RETRY|RAISE" reports in a job log: decision, source, count, error. Ray may
+    echo an actor's log line twice; a report's error count tells two real ones apart."""
     lines = log.splitlines()
-    return ["\n".join(lines[i:i + 4]) for i, line in enumerate(lines) if "[FailurePolicy]" in line]
+    reports = ["\n".join(lines[i:i + 4]) for i, line in enumerate(lines) if "[FailurePolicy]" in line]
+    return list(dict.fromkeys(reports))
 
 
 def test_flow_completes_with_checkpoints_on_s3_that_load(flow, cluster, monkeypatch):
