@@ -237,11 +237,15 @@ def run_protocol(
     for frames in DECIDE_SWEEP:
         point = online_vs_window(sets, labels, s_th, frames * median)
         sweep.append({"decide_at": frames * median, "median_frames": frames, **point})
+    # The default decide_at is one of the sweep's points: its comparison is not run twice.
+    online = next((p for p in sweep if p["decide_at"] == decide_at), None)
+    if online is None:
+        online = online_vs_window(sets, labels, s_th, decide_at)
     return {
         "s_th": s_th,
         "decide_at": decide_at,
         "set_pairs": set_pair_results(sets, labels, s_th, seed=seed),
-        "online": online_vs_window(sets, labels, s_th, decide_at),
+        "online": online,
         "online_sweep": sweep,
         "num_sets": len(sets),
         "frames_per_set": float(np.mean([len(q) for _, q in sets])),
