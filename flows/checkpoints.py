@@ -3,7 +3,8 @@
     state.pt   backbone / quality / optimizer state, epochs done, per-epoch metric history
     centres_<start>_<end>.pt   class centres, one file per shard (models.partial_fc), any world size
     net.pt     backbone + quality branch as an EQFaceNet (models.save_eqface_net): what evaluation loads
-    meta.json  step kind, flow position, epochs done: readable without torch
+    meta.json  step kind, flow position, epochs done, the byte size of every file written beside it:
+               readable without torch, written last
 
 A checkpoint is addressed by a URI (local path or s3://...), which is what MLflow records.
 """
@@ -29,7 +30,9 @@ def write_checkpoint_dir(directory: Path, state: dict[str, Any], net: torch.nn.M
 
     torch.save(state, directory / STATE_FILE)
     save_eqface_net(net, directory / NET_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    # Sizes let a reader tell a whole file from one cut short (a local copy interrupted mid-file).
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE}
+    (directory / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True))
 
 
 def checkpoint_uri(checkpoint) -> str:
@@ -57,7 +60,8 @@ def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
     Ray uploads a checkpoint's files in directory-listing order (not the order they were written), and with
     a sharded head each rank uploads its own centre shard into the same directory: an upload cut short can
     leave meta.json without state.pt or without a shard, so meta.json alone does not make a checkpoint
-    whole. S3 objects appear whole or not at all, so a file that is listed is complete.
+    whole. S3 objects appear whole or not at all; a local file may be cut short, so every file meta.json
+    lists (rank 0's) must have the size it was written with.
     """
     import pyarrow.fs as pafs
 
@@ -78,6 +82,11 @@ def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
         missing += _missing_centres(list(sizes), meta.get("num_classes"))
     if missing:
         raise FileNotFoundError(f"checkpoint {uri} is incomplete (missing {', '.join(missing)})")
+    needed = (NET_FILE,) if net_only else tuple(meta.get("files") or {})
+    short = [f"{name} has {sizes[name]} of {meta['files'][name]} bytes" for name in needed
+             if name in sizes and sizes[name] != (meta.get("files") or {}).get(name, sizes[name])]
+    if short:
+        raise FileNotFoundError(f"checkpoint {uri} is incomplete ({'; '.join(short)})")
     return meta
 
 

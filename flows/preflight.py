@@ -46,12 +46,15 @@ def check_cluster(cfg: Config) -> None:
         ceiling = cluster_ceiling()
     except Exception:  # noqa: BLE001 - a private Ray API: without it, leave the decision to Ray Train
         return
-    check_resources(cfg, dict(ray.cluster_resources()), ceiling)
+    nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+    check_resources(cfg, dict(ray.cluster_resources()), ceiling, nodes)
 
 
-def check_resources(cfg: Config, have: dict[str, float], ceiling: dict[str, float] | None) -> None:
+def check_resources(cfg: Config, have: dict[str, float], ceiling: dict[str, float] | None,
+                    nodes: list[dict[str, float]] | None = None) -> None:
     """ConfigError unless `have` (the cluster now), grown to `ceiling` (an autoscaler's limit), hosts the
-    workers and one Ray Data task."""
+    workers and one Ray Data task; on a fixed cluster (no ceiling) the `nodes` must also host them node by
+    node, since a task cannot take half a CPU from each of two nodes."""
     have = dict(have)
     for key, value in (ceiling or {}).items():
         have[key] = max(have.get(key, 0.0), float(value))
@@ -67,6 +70,52 @@ def check_resources(cfg: Config, have: dict[str, float], ceiling: dict[str, floa
         raise ConfigError(f"scaling: {n} workers x {cpus:g} CPU + {RAY_DATA_CPUS:g} CPU for Ray Data decoding = "
                           f"{need:g} CPUs, but the Ray cluster has {have.get('CPU', 0.0):g}{grow}; lower "
                           f"scaling.num_workers or scaling.cpus_per_worker")
+    if ceiling is None and nodes:
+        check_nodes(cfg, nodes)
+
+
+def check_nodes(cfg: Config, nodes: list[dict[str, float]]) -> None:
+    """The workers placed node by node the way Ray places their placement group, then a whole CPU left on
+    some node for a decode task."""
+    n, cpus, gpu = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu
+    free = sorted(([node.get("CPU", 0.0), node.get("GPU", 0.0)] for node in nodes), key=lambda r: -r[0])
+    placed = _place(cfg.scaling.placement_strategy, free, n, cpus, 1.0 if gpu else 0.0)
+    shape = "nodes of " + ", ".join(f"{node.get('CPU', 0.0):g}" for node in nodes) + " CPUs"
+    if placed < n:
+        raise ConfigError(f"scaling: only {placed} of {n} workers x {cpus:g} CPU{' + 1 GPU' if gpu else ''} fit "
+                          f"on the Ray cluster's {shape} (a worker cannot span nodes); lower "
+                          f"scaling.num_workers or scaling.cpus_per_worker")
+    if max(r[0] for r in free) + 1e-9 < RAY_DATA_CPUS:
+        raise ConfigError(f"scaling: {n} workers x {cpus:g} CPU placed {cfg.scaling.placement_strategy} on the Ray "
+                          f"cluster's {shape} leave no node a whole CPU for Ray Data decoding (a task cannot "
+                          f"span nodes); lower scaling.cpus_per_worker or change scaling.placement_strategy")
+
+
+def _place(strategy: str, free: list[list[float]], n: int, cpus: float, gpus: float) -> int:
+    """How many of n bundles (cpus, gpus) fit, taken from `free` ([cpu, gpu] per node, largest first):
+    PACK fills the largest nodes first, SPREAD deals one per node in turn, the STRICT forms keep to one
+    node / one bundle per node."""
+    def take(r: list[float]) -> bool:
+        if r[0] + 1e-9 < cpus or r[1] + 1e-9 < gpus:
+            return False
+        r[0], r[1] = r[0] - cpus, r[1] - gpus
+        return True
+
+    if strategy == "STRICT_PACK":
+        home = next((r for r in free if r[0] + 1e-9 >= n * cpus and r[1] + 1e-9 >= n * gpus), None)
+        return sum(take(home) for _ in range(n)) if home is not None else 0
+    if strategy == "STRICT_SPREAD":
+        return sum(take(r) for r in free[:n]) if len(free) >= n else 0
+    placed = 0
+    while placed < n:
+        if strategy == "SPREAD":
+            took = sum(take(r) for r in free[: n - placed])
+        else:
+            took = int(any(take(r) for r in free))
+        if not took:
+            break
+        placed += took
+    return placed
 
 
 def report_skipped_rows(tally, step_name: str, run_id: str, tracking_uri: str) -> list[str]:

@@ -211,6 +211,39 @@ def test_gpu_workers_on_an_autoscaling_cluster_are_not_refused():
                     {"CPU": 2.0}, ceiling=None)  # what benchmarks/flow_load.py runs on this 2-core machine
 
 
+def test_workers_must_leave_one_node_a_whole_cpu_for_decoding():
+    """Two 1-CPU nodes hold 2 CPUs in all, but SPREAD puts a 0.5-CPU worker on each, and no decode task
+    (1 CPU, on one node) could ever start: the flow would wait for its first batch forever."""
+    def cfg(*overrides):
+        return load_config([DEFAULT_CONFIG, TINY], ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+                                                    *overrides])
+
+    two_small = [{"CPU": 1.0}, {"CPU": 1.0}]
+    check_resources(cfg("scaling.placement_strategy=PACK"), {"CPU": 2.0}, None, two_small)  # both on one node
+    with pytest.raises(ConfigError, match=r"^scaling: 2 workers x 0.5 CPU placed SPREAD on the Ray cluster's "
+                                          r"nodes of 1, 1 CPUs leave no node a whole CPU for Ray Data decoding"):
+        check_resources(cfg("scaling.placement_strategy=SPREAD"), {"CPU": 2.0}, None, two_small)
+    # tests/test_multinode.py's rehearsal: a 2-CPU head and a 1-CPU node, SPREAD
+    check_resources(cfg("scaling.placement_strategy=SPREAD"), {"CPU": 3.0}, None, [{"CPU": 2.0}, {"CPU": 1.0}])
+    with pytest.raises(ConfigError, match=r"^scaling: only 0 of 2 workers x 1.5 CPU fit on the Ray cluster's "
+                                          r"nodes of 2, 2 CPUs \(a worker cannot span nodes\)"):
+        check_resources(cfg("scaling.cpus_per_worker=1.5", "scaling.placement_strategy=STRICT_PACK"),
+                        {"CPU": 4.0}, None, [{"CPU": 2.0}, {"CPU": 2.0}])
+    with pytest.raises(ConfigError, match=r"^scaling: only 0 of 3 workers x 0.5 CPU fit"):
+        check_resources(cfg("scaling.num_workers=3", "scaling.placement_strategy=STRICT_SPREAD"),
+                        {"CPU": 4.0}, None, [{"CPU": 2.0}, {"CPU": 2.0}])
+    check_resources(cfg("scaling.placement_strategy=STRICT_SPREAD"), {"CPU": 4.0}, None, [{"CPU": 2.0}, {"CPU": 2.0}])
+    # A GPU worker needs its GPU and its CPUs on the same node; the 0-CPU head of docs/cluster.md hosts none.
+    gpu = cfg("scaling.use_gpu=true", "scaling.cpus_per_worker=4")
+    check_resources(gpu, {"CPU": 16.0, "GPU": 2.0}, None, [{"CPU": 0.0}, {"CPU": 8.0, "GPU": 1.0},
+                                                           {"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(ConfigError, match=r"^scaling: only 1 of 2 workers x 4 CPU \+ 1 GPU fit"):
+        check_resources(gpu, {"CPU": 12.0, "GPU": 2.0}, None, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 4.0},
+                                                               {"CPU": 0.0, "GPU": 1.0}])
+    # With an autoscaler the nodes of today say nothing about those it will start.
+    check_resources(cfg("scaling.placement_strategy=SPREAD"), {"CPU": 2.0}, {"CPU": 8.0}, two_small)
+
+
 # ---------------------------------------------------------------------------------------------- the flow
 
 

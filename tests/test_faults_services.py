@@ -435,3 +435,24 @@ def test_partial_checkpoints_on_s3_are_refused(s3_behind_proxy, tmp_path):
         checkpoints.from_uri(upload("half-centres", files, {shard: "centres_000000000_000000006.pt"}))
     # The evaluation CLIs read only the network: a checkpoint without its training state still serves them.
     assert checkpoints.load_net_from(upload("net-only", ["net.pt", "meta.json"])) is not None
+
+
+def test_a_checkpoint_file_cut_short_is_refused(tmp_path):
+    """A local checkpoint copied by halves (the copy interrupted mid-file) is named, not loaded."""
+    from flows.train_step import build_net_and_head
+
+    net, head = build_net_and_head(load_config([DEFAULT_CONFIG, TINY], []), 12)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    checkpoints.save_centres(head, ckpt)
+    checkpoints.write_checkpoint_dir(ckpt, {"epoch": 1, "history": []}, net, {"epoch": 1, "num_classes": 12})
+    meta = checkpoints.read_meta(checkpoints.from_uri(str(ckpt)))
+    assert set(meta["files"]) == {"state.pt", "net.pt", "centres_000000000_000000012.pt"}
+    for name in ("net.pt", "centres_000000000_000000012.pt"):
+        whole = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(FileNotFoundError, match=rf"^checkpoint {ckpt} is incomplete \({name} has "
+                                                    rf"{len(whole) // 2} of {len(whole)} bytes\)$"):
+            checkpoints.from_uri(str(ckpt))
+        (ckpt / name).write_bytes(whole)
+    assert checkpoints.load_net(checkpoints.from_uri(str(ckpt))) is not None

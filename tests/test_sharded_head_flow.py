@@ -1,7 +1,8 @@
 """The sharded class-centre head inside real Ray Train steps, resumed on a different number of workers.
 
 Step 1 with 2 workers (each holds half the centres) -> step 2 with 1 worker -> step 3 with 2 workers,
-each step starting from the previous step's checkpoint through the flow's own `run_step`.
+each step starting from the previous step's checkpoint through the flow's own `run_step`; and one step
+interrupted after an epoch and resumed mid-way on 2 -> 1 -> 2 workers.
 """
 
 from __future__ import annotations
@@ -81,3 +82,27 @@ def test_an_interrupted_step_resumes_from_its_last_checkpoint(local_ray, tmp_pat
     history2 = checkpoints.load_state(second)["history"]
     assert [h["epoch"] for h in history2] == [1, 2]
     assert history2[0] == history1[0]  # epoch 1 was not re-run
+
+
+def test_an_interrupted_sharded_step_resumes_on_fewer_then_more_workers(local_ray, tmp_path):
+    """Epoch 1 on 2 workers, epoch 2 resumed on 1, epoch 3 resumed on 2: each resume continues the same Ray
+    Train run from its last checkpoint, with the class centres resharded to the new number of workers."""
+    def config(workers: int, epochs: int):
+        return load_config([DEFAULT_CONFIG, TINY], [
+            f"flow.storage={tmp_path / 'runs'}", f"data.cache_root={tmp_path / 'data'}", "model.head=sharded",
+            f"scaling.num_workers={workers}", f"step1.epochs={epochs}", "flow.max_failures=0"])
+
+    data = prepare_datasets(config(2, 1))
+    previous = None
+    for workers, epochs in ((2, 1), (1, 2), (2, 3)):
+        ckpt = run_step(config(workers, epochs), PlannedStep(0, 1, 0), data, "", "", None, None, "resharded")
+        state, (centres, _) = checkpoints.load_state(ckpt), _centres_and_backbone(ckpt)
+        assert state["world_size"] == workers
+        assert _centre_files(ckpt) == ([(0, 12)] if workers == 1 else [(0, 6), (6, 12)])
+        assert [h["epoch"] for h in state["history"]] == list(range(1, epochs + 1))
+        if previous is not None:
+            assert state["history"][:-1] == previous[0]["history"]  # earlier epochs were not re-run
+            # The centres went on from the checkpoint's (a re-initialised head would be unrelated to them).
+            cosine = torch.nn.functional.cosine_similarity(centres, previous[1], dim=1)
+            assert cosine.min() > 0.9, cosine
+        previous = (state, centres)
