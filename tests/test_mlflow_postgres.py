@@ -1,5 +1,6 @@
 """MLflow as in production: infra/mlflow/run_server.sh with a PostgreSQL backend store and artifacts proxied
-to S3 (the local S3-compatible server), used through MlflowClient by a client that holds no S3 credentials.
+to S3 (the local S3-compatible server), used through MlflowClient by a client that holds no S3 credentials,
+and by the flow itself submitted to a Ray head that holds none either.
 
 PostgreSQL comes from Debian's packages (infra/postgres.py); the module skips, with the reason, where it
 cannot be started here.
@@ -156,6 +157,68 @@ def test_run_round_trip_through_postgres_and_proxied_s3(services, tmp_path, monk
         query = "SELECT count(*) FROM params WHERE value LIKE %s"
         leaked = conn.execute(query, (f"%{LOCAL_S3_SECRET}%",)).fetchone()
     assert leaked == (0,)
+
+
+@pytest.mark.integration
+def test_the_flow_tracks_into_postgres_with_artifacts_proxied_to_s3(services, tmp_path, monkeypatch):
+    """The tiny flow (steps 1 and 2) through `ray job submit` against this server: runs, params and metrics
+    land in PostgreSQL, plots and the final model in the server's S3 bucket, and the model loads back
+    through the server alone."""
+    import boto3
+    import mlflow.pytorch
+    import psycopg
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import TAG_COMPLETE, TAG_FINAL_MODEL, TAG_FLOW, TAG_ROLE
+    from tests.conftest import submit_flow
+
+    for key in [k for k in os.environ if k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL"]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", services["url"])
+    ray_stack = Stack.load(tmp_path / "ray")  # a Ray head of its own: no S3 server in its stack, so no keys
+    name = f"pg-{os.getpid()}"
+    try:
+        ray_stack.start_ray(num_cpus=2)
+        proc = submit_flow(ray_stack, [
+            "--config", "configs/default.yaml", "--config", "configs/tiny.yaml", f"flow.name={name}",
+            f"flow.storage={tmp_path / 'runs'}", f"data.cache_root={tmp_path / 'data'}", "flow.loops=0",
+            "step1.epochs=2", "scaling.num_workers=1"], timeout=600)
+    finally:
+        ray_stack.stop_all()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    client = MlflowClient(services["url"])
+    experiment = client.get_experiment_by_name("eqface")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_FLOW}` = '{name}'")
+    parent = next(r for r in runs if r.data.tags[TAG_ROLE] == "flow")
+    steps = sorted((r for r in runs if r.data.tags[TAG_ROLE] == "step"), key=lambda r: r.info.run_name)
+    assert [r.info.run_name for r in steps] == ["0-step1-loop0", "1-step2-loop0"]
+    assert all(r.info.status == "FINISHED" for r in runs) and all(r.data.tags[TAG_COMPLETE] == "true" for r in steps)
+    assert [m.step for m in client.get_metric_history(steps[0].info.run_id, "loss")] == [1, 2]
+
+    with psycopg.connect(services["pg"].uri) as conn:
+        flow_param = conn.execute("SELECT value FROM params WHERE run_uuid = %s AND key = 'flow.name'",
+                                  (parent.info.run_id,)).fetchone()
+        step_metrics = {row[0] for row in conn.execute(
+            "SELECT DISTINCT key FROM metrics WHERE run_uuid = %s", (steps[1].info.run_id,))}
+    assert flow_param == (name,)
+    assert {"loss", "top1", "lr", "images_per_s", "quality_mean", "quality_std", "quality_p05",
+            "quality_p50", "quality_p95"} <= step_metrics
+
+    s3 = boto3.client("s3", endpoint_url=f"http://{HOST}:{services['stack'].services['s3'].port}",
+                      region_name="us-east-1", aws_access_key_id=LOCAL_S3_KEY_ID,
+                      aws_secret_access_key=LOCAL_S3_SECRET)
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=f"mlflow-artifacts/{experiment.experiment_id}/")
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    assert any(steps[1].info.run_id in k and k.endswith("plots/quality_histogram.png") for k in keys), keys
+    assert any(k.endswith("/MLmodel") for k in keys), keys
+
+    mlflow.set_tracking_uri(services["url"])
+    model = mlflow.pytorch.load_model(parent.data.tags[TAG_FINAL_MODEL], map_location="cpu")
+    embedding, quality = model(torch.zeros(2, 3, 32, 32))
+    assert embedding.shape == (2, 32) and quality.shape == (2,)
 
 
 def test_allowed_hosts_guard_the_api(services):
