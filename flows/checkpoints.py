@@ -194,11 +194,12 @@ def storage_failure(exc: BaseException) -> str | None:
     return None
 
 
-def storage_error_from(exc: BaseException, storage_uri: str) -> CheckpointStorageError | None:
+def storage_error_from(exc: BaseException, storage_uri: str, step_name: str) -> CheckpointStorageError | None:
     """The storage failure behind a Ray Train failure (worker or controller side), as one clear error.
 
     Ray hands the driver the workers' errors as formatted tracebacks, so the worker's own message is
-    recovered from the text; a failure outside it (the controller writing its run state) is named here.
+    recovered from the text; a failure outside it (the controller writing its run state) is named here,
+    for the step `step_name`.
     """
     from infra.ray_errors import remote_error_message
 
@@ -208,4 +209,5 @@ def storage_error_from(exc: BaseException, storage_uri: str) -> CheckpointStorag
     reason = storage_failure(exc)
     if reason is None:
         return None
-    return CheckpointStorageError(f"cannot write Ray Train's checkpoints or run state to {storage_uri}: {reason}")
+    return CheckpointStorageError(
+        f"{step_name}: cannot write Ray Train's checkpoints or run state to {storage_uri}: {reason}")

@@ -83,7 +83,7 @@ def run_step(cfg: Config, step: PlannedStep, data: Datasets, run_id: str, tracki
         with train_run_lease(ray_run_name):
             result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        storage_error = checkpoints.storage_error_from(exc, cfg.flow.storage)
+        storage_error = checkpoints.storage_error_from(exc, cfg.flow.storage, spec.name)
         if storage_error is None:
             raise
         raise storage_error from None  # one line; Ray has logged the workers' tracebacks
