@@ -30,23 +30,52 @@ def _s3_endpoint() -> tuple[str | None, str]:
     return parsed.netloc, parsed.scheme or "https"
 
 
+CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
+
+
 class S3FileSystem(pafs.S3FileSystem):
     """pyarrow's S3FileSystem with the AWS standard retry strategy, kept when pickled: pyarrow's own
     __reduce__ leaves the strategy out, so Ray Data read tasks and Ray Train workers (which get the
-    filesystem pickled) would silently fall back to 3 attempts."""
+    filesystem pickled) would silently fall back to 3 attempts.
 
-    def __init__(self, max_attempts: int = DEFAULT_S3_ATTEMPTS, **kwargs) -> None:
+    Credentials taken from the environment (`s3_filesystem()`) are not pickled: pyarrow's pickle carries the
+    keys in clear, and Ray stores pickles where they outlive the job (Ray Tune writes its trials' storage
+    filesystem into its experiment state, on that very storage). The receiving process takes them from its
+    own environment, as every Ray process on a node does (or from the instance profile)."""
+
+    def __init__(self, max_attempts: int = DEFAULT_S3_ATTEMPTS, credentials_from_environment: bool = False,
+                 **kwargs) -> None:
         super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
         self.max_attempts = max_attempts
+        self.credentials_from_environment = credentials_from_environment
 
     def __reduce__(self):
         _, (kwargs,) = super().__reduce__()
         kwargs.pop("retry_strategy", None)  # in case a later pyarrow pickles it too
-        return _rebuild_s3, (self.max_attempts, kwargs)
+        if self.credentials_from_environment:
+            for key in CREDENTIAL_KEYS:
+                kwargs.pop(key, None)
+        return _rebuild_s3, (self.max_attempts, kwargs, self.credentials_from_environment)
 
 
-def _rebuild_s3(max_attempts: int, kwargs: dict) -> S3FileSystem:
-    return S3FileSystem(max_attempts=max_attempts, **kwargs)
+def _rebuild_s3(max_attempts: int, kwargs: dict, credentials_from_environment: bool = False) -> S3FileSystem:
+    if credentials_from_environment:
+        kwargs = {**kwargs, **_environment_credentials()}
+    return S3FileSystem(max_attempts=max_attempts, credentials_from_environment=credentials_from_environment,
+                        **kwargs)
+
+
+def _environment_credentials() -> dict[str, str]:
+    """access_key / secret_key (/ session_token) from the AWS environment variables; empty without them,
+    and pyarrow then falls back to the default AWS credential chain (profiles, instance roles)."""
+    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not (access_key and secret_key):
+        return {}
+    credentials = {"access_key": access_key, "secret_key": secret_key}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        credentials["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return credentials
 
 
 def s3_attempts() -> int:
@@ -67,15 +96,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
     kwargs: dict = {"region": region, "scheme": scheme}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
-    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
-    secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if access_key and secret_key:
-        kwargs["access_key"] = access_key
-        kwargs["secret_key"] = secret_key
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    # Otherwise pyarrow falls back to the default AWS credential chain (profiles, instance roles).
-    return S3FileSystem(max_attempts=s3_attempts(), **kwargs)
+    return S3FileSystem(max_attempts=s3_attempts(), credentials_from_environment=True,
+                        **kwargs, **_environment_credentials())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -704,6 +704,21 @@ def parse_args(argv: list[str] | None) -> SearchArgs:
     return SearchArgs(space, cfg, files, args.overrides, name, out, storage_uri, args.resume)
 
 
+AWS_CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                                 "AWS_SESSION_TOKEN"})
+
+
+def keep_credentials_out_of_trial_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS keys into every trial actor's runtime env, and Ray's runtime env
+    agent logs runtime envs in clear (runtime_env_agent.log). Trials, like every Ray process, find the keys
+    in their node's environment (or use the instance profile), so Tune is told not to copy them."""
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if propagated is not None:
+        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - AWS_CREDENTIAL_VARS
+
+
 def run_search(args: SearchArgs) -> dict[str, Any]:
     import ray
     from ray import tune
@@ -722,7 +737,7 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
     restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=tune_fs)
     existing = tracker.find()
     if not args.resume and (restorable or existing is not None):
-        where = experiment_path if restorable else f"MLflow run {existing.info.run_id}"
+        where = f"{args.storage.rstrip('/')}/{name}" if restorable else f"MLflow run {existing.info.run_id}"
         raise ConfigError(
             f"search '{name}' already exists ({where}); pass --resume to continue it or choose another --name"
         )
@@ -784,6 +799,7 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
         train_storage=storage.join(args.storage, f"{name}.trials"),
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPU})
+    keep_credentials_out_of_trial_runtime_envs()
     started = time.monotonic()
     try:
         if args.resume and restorable:

@@ -32,9 +32,10 @@ def stack(tmp_path_factory):
         services.stop_all()
 
 
-def submit_flow(stack: Stack, args: list[str], timeout: float = 900,
-                extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir <repo> -- python flows/eqface.py ARGS`, as a user runs it."""
+def submit_flow(stack: Stack, args: list[str], timeout: float = 900, extra_env: dict[str, str] | None = None,
+                script: str = "flows/eqface.py") -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python flows/eqface.py ARGS` (or another script), as a user runs
+    it."""
     env = {**os.environ, **stack.env()}
     # Only the tracking URI travels in the runtime env: S3 keys reach jobs through the Ray head's own
     # environment (infra.stack), never through job metadata that Ray logs.
@@ -46,6 +47,6 @@ def submit_flow(stack: Stack, args: list[str], timeout: float = 900,
         str(Path(sys.executable).parent / "ray"), "job", "submit",
         "--address", env["RAY_ADDRESS"], "--working-dir", str(ROOT),
         "--runtime-env-json", json.dumps({"env_vars": job_env}),
-        "--", "python", "flows/eqface.py", *args,
+        "--", "python", script, *args,
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

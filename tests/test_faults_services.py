@@ -261,7 +261,8 @@ def test_flow_fails_clearly_when_mlflow_stays_down_past_the_limit(mlflow_server,
 
 
 def test_s3_filesystem_keeps_its_retry_strategy_when_pickled(monkeypatch):
-    """Ray pickles the filesystem into read tasks and train workers; pyarrow's own pickling drops the strategy."""
+    """Ray pickles the filesystem into read tasks and train workers; pyarrow's own pickling drops the strategy
+    and carries the keys."""
     import pickle
 
     import cloudpickle
@@ -270,9 +271,18 @@ def test_s3_filesystem_keeps_its_retry_strategy_when_pickled(monkeypatch):
     from data import storage
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sender-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sender-secret")
     fs = storage.s3_filesystem()
-    for clone in (pickle.loads(pickle.dumps(fs)), cloudpickle.loads(cloudpickle.dumps(fs))):
+    pickles = (pickle.dumps(fs), cloudpickle.dumps(fs))
+    # The keys stay out of the pickle (Ray Tune writes it into its experiment state); the receiver takes its own.
+    assert not any(secret in data for data in pickles for secret in (b"sender-key-id", b"sender-secret"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "receiver-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "receiver-secret")
+    for clone in (pickle.loads(pickles[0]), cloudpickle.loads(pickles[1])):
         assert isinstance(clone, pafs.S3FileSystem) and clone.max_attempts == 7 and clone.region == fs.region
+        _, (kwargs,) = pafs.S3FileSystem.__reduce__(clone)
+        assert (kwargs["access_key"], kwargs["secret_key"]) == ("receiver-key-id", "receiver-secret")
     monkeypatch.delenv("AWS_MAX_ATTEMPTS")
     assert storage.s3_filesystem().max_attempts == storage.DEFAULT_S3_ATTEMPTS
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "lots")

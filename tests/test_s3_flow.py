@@ -1,10 +1,15 @@
 """The flow with everything on S3: dataset, Ray Train checkpoints and MLflow artifacts on a local
 S3-compatible server (moto_server), submitted with `ray job submit`; read back from S3 afterwards.
-Also: the S3 keys the services ran with appear nowhere in MLflow, its artifacts, or the logs.
+Also: the S3 keys the services ran with appear nowhere in MLflow, its artifacts, or the logs; and the margin
+search keeps its Tune state and its trials' checkpoints on S3, where a re-run finds them.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from flows import checkpoints
 from flows.tracking import TAG_CHECKPOINT, TAG_FINAL_MODEL, TAG_FLOW
 from infra.stack import LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, Stack
-from tests.conftest import submit_flow
+from tests.conftest import ROOT, submit_flow
 
 pytestmark = pytest.mark.integration
 BUCKET = "eqface"
@@ -92,13 +97,44 @@ def test_mlflow_artifacts_are_proxied_to_s3(s3_flow, s3_env):
     assert 0.0 <= float(quality) <= 1.0
 
 
+def test_margin_search_keeps_its_tune_state_and_trials_on_s3(s3_stack, s3_env, tmp_path):
+    name = f"s3-search-{uuid.uuid4().hex[:6]}"
+    space = tmp_path / "space.yaml"
+    space.write_text("families: {arcface: {m2: 0.4}}\nforms: [outside]\nsteps: [1]\nnum_samples: 1\n"
+                     "metric: val_acc\nmode: max\nasha: {grace_period: 1, reduction_factor: 2}\n")
+    args = ["--space", str(space), "--config", "configs/default.yaml", "--config", "configs/tiny.yaml",
+            "--name", name, "--out", str(tmp_path / "out"), "--storage", f"s3://{BUCKET}/tune",
+            f"data.cache_root=s3://{BUCKET}/datasets", "scaling.num_workers=1", "step1.epochs=2"]
+    proc = submit_flow(s3_stack, args, timeout=600, script="flows/tune_margins.py")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    s3 = _s3(s3_env)
+    tune_keys = _keys(s3, f"tune/{name}/")
+    assert any(k.endswith(".json") and "experiment_state" in k for k in tune_keys), tune_keys
+    trial_checkpoints = [k for k in _keys(s3, f"tune/{name}.trials/") if k.endswith("/meta.json")]
+    assert len(trial_checkpoints) == 1, trial_checkpoints  # one trial; its latest checkpoint is kept
+    meta = json.loads(s3.get_object(Bucket=BUCKET, Key=trial_checkpoints[0])["Body"].read())
+    assert meta["epoch"] == 2 and meta["kind"] == 1
+    assert (tmp_path / "out" / "best.yaml").is_file()
+    # Tune finds its own state on S3 again: the same command without --resume is refused, naming it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["MLFLOW_TRACKING_URI"] = s3_stack.env()["MLFLOW_TRACKING_URI"]
+    again = subprocess.run([sys.executable, "flows/tune_margins.py", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"tune_margins: error: search '{name}' already exists (s3://{BUCKET}/tune/{name}); "
+        "pass --resume to continue it or choose another --name")
+
+
 def test_credentials_appear_nowhere(s3_flow, s3_stack, s3_env):
+    """In the flow's runs, its artifacts, its job output, and every log of the Ray head; with the margin search
+    above, in its Tune state and trial checkpoints on S3 and its job's logs too."""
     secrets = (LOCAL_S3_KEY_ID.encode(), LOCAL_S3_SECRET.encode())
     for run in s3_flow["runs"]:
         text = repr((run.data.params, run.data.tags, run.data.metrics)).encode()
         assert not any(s in text for s in secrets), run.info.run_id
     s3 = _s3(s3_env)
-    for key in _keys(s3, "mlflow/"):
+    for key in _keys(s3, "mlflow/") + _keys(s3, "tune/"):  # artifacts; the search's Tune state and trials
         body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert not any(s in body for s in secrets), key
     logs = (s3_flow["proc"].stdout + s3_flow["proc"].stderr).encode()
