@@ -134,7 +134,8 @@ def test_credentials_appear_nowhere(s3_flow, s3_stack, s3_env):
         text = repr((run.data.params, run.data.tags, run.data.metrics)).encode()
         assert not any(s in text for s in secrets), run.info.run_id
     s3 = _s3(s3_env)
-    for key in _keys(s3, "mlflow/") + _keys(s3, "tune/"):  # artifacts; the search's Tune state and trials
+    # artifacts, checkpoints and Ray Train run state; the search's Tune state and trials
+    for key in _keys(s3, "mlflow/") + _keys(s3, "runs/") + _keys(s3, "tune/"):
         body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert not any(s in body for s in secrets), key
     logs = (s3_flow["proc"].stdout + s3_flow["proc"].stderr).encode()
