@@ -82,9 +82,10 @@ def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
         missing += _missing_centres(list(sizes), meta.get("num_classes"))
     if missing:
         raise FileNotFoundError(f"checkpoint {uri} is incomplete (missing {', '.join(missing)})")
-    needed = (NET_FILE,) if net_only else tuple(meta.get("files") or {})
-    short = [f"{name} has {sizes[name]} of {meta['files'][name]} bytes" for name in needed
-             if name in sizes and sizes[name] != (meta.get("files") or {}).get(name, sizes[name])]
+    written = meta.get("files") or {}  # none in checkpoints from before sizes were recorded
+    needed = [NET_FILE] if net_only else list(written)
+    short = [f"{name} has {sizes[name]} of {written[name]} bytes" for name in needed
+             if name in written and name in sizes and sizes[name] != written[name]]
     if short:
         raise FileNotFoundError(f"checkpoint {uri} is incomplete ({'; '.join(short)})")
     return meta
