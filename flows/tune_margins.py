@@ -737,7 +737,7 @@ def run_search(args: SearchArgs) -> dict[str, Any]:
     restorable = tune.Tuner.can_restore(experiment_path, storage_filesystem=tune_fs)
     existing = tracker.find()
     if not args.resume and (restorable or existing is not None):
-        where = f"{args.storage.rstrip('/')}/{name}" if restorable else f"MLflow run {existing.info.run_id}"
+        where = storage.join(args.storage, name) if restorable else f"MLflow run {existing.info.run_id}"
         raise ConfigError(
             f"search '{name}' already exists ({where}); pass --resume to continue it or choose another --name"
         )

@@ -61,6 +61,15 @@ def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     proc.wait(10)
 
 
+def _s3_client(services: dict):
+    """The test's own view of the server's bucket (the MLflow clients under test hold no S3 keys)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://{HOST}:{services['stack'].services['s3'].port}",
+                        region_name="us-east-1", aws_access_key_id=LOCAL_S3_KEY_ID,
+                        aws_secret_access_key=LOCAL_S3_SECRET)
+
+
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver of SQLAlchemy 2.1) is not installed")
@@ -107,7 +116,6 @@ def services(tmp_path_factory):
 
 
 def test_run_round_trip_through_postgres_and_proxied_s3(services, tmp_path, monkeypatch):
-    import boto3
     import psycopg
     from mlflow.tracking import MlflowClient
 
@@ -145,9 +153,7 @@ def test_run_round_trip_through_postgres_and_proxied_s3(services, tmp_path, monk
         rows = conn.execute(query, (run_id,)).fetchall()
     assert rows == [("loss.m2", "0.5"), ("model.backbone", "r100")]
     # ... and the artifact in the S3 bucket, under the server's --artifacts-destination.
-    s3 = boto3.client("s3", endpoint_url=f"http://{HOST}:{services['stack'].services['s3'].port}",
-                      region_name="us-east-1", aws_access_key_id=LOCAL_S3_KEY_ID,
-                      aws_secret_access_key=LOCAL_S3_SECRET)
+    s3 = _s3_client(services)
     key = f"mlflow-artifacts/{experiment_id}/{run_id}/artifacts/reports/notes.txt"
     assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"quality-aware face recognition\n"
 
@@ -164,7 +170,6 @@ def test_the_flow_tracks_into_postgres_with_artifacts_proxied_to_s3(services, tm
     """The tiny flow (steps 1 and 2) through `ray job submit` against this server: runs, params and metrics
     land in PostgreSQL, plots and the final model in the server's S3 bucket, and the model loads back
     through the server alone."""
-    import boto3
     import mlflow.pytorch
     import psycopg
     import torch
@@ -206,9 +211,7 @@ def test_the_flow_tracks_into_postgres_with_artifacts_proxied_to_s3(services, tm
     assert {"loss", "top1", "lr", "images_per_s", "quality_mean", "quality_std", "quality_p05",
             "quality_p50", "quality_p95"} <= step_metrics
 
-    s3 = boto3.client("s3", endpoint_url=f"http://{HOST}:{services['stack'].services['s3'].port}",
-                      region_name="us-east-1", aws_access_key_id=LOCAL_S3_KEY_ID,
-                      aws_secret_access_key=LOCAL_S3_SECRET)
+    s3 = _s3_client(services)
     pages = s3.get_paginator("list_objects_v2").paginate(
         Bucket=BUCKET, Prefix=f"mlflow-artifacts/{experiment.experiment_id}/")
     keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
