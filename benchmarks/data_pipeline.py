@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -107,7 +108,6 @@ def main() -> None:
     torch.set_num_threads(1)
     loader_rates = time_dataloader(items, args.image_size, augment, args.batch_size, args.epochs)
 
-    import ray
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:

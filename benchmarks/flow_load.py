@@ -34,9 +34,14 @@ import uuid
 from collections import defaultdict
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from data.synthetic import SyntheticSpec, ensure_synthetic_dataset  # noqa: E402
+from infra.stack import Stack  # noqa: E402
 
 try:
     import psutil
@@ -174,7 +179,6 @@ def analyse(samples: list[dict], steps: list[dict]) -> dict:
 
 
 def mlflow_step_metrics(uri: str, flow_name: str) -> dict[int, dict[str, float]]:
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("eqface")
@@ -260,8 +264,6 @@ def main(argv: list[str] | None = None) -> int:
         write_report(json.loads(args.report_from.read_text()), args.json)
         return 0
 
-    from data.synthetic import SyntheticSpec, ensure_synthetic_dataset
-    from infra.stack import Stack
 
     work = args.work.expanduser().resolve()
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """Set and video aggregation: mean / best / QWFA / QWFAF on set pairs; online aggregation vs a fixed window.
 
-    python -m benchmarks.set_aggregation                              # trains a tiny model first (~2 min)
+    python -m benchmarks.set_aggregation                              # trains a tiny model first (~3 min)
     python -m benchmarks.set_aggregation --model <MLflow URI | checkpoint dir/URI | net.pt>
     python -m benchmarks.set_aggregation --identities 40 --tracks-per-identity 3 --track-length 16
 
@@ -25,16 +25,20 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from PIL import Image
 
+from data.pipeline import decode_image, normalise
 from data.synthetic import (
     DEGRADATION_TYPES,
     SampleParams,
@@ -45,9 +49,17 @@ from data.synthetic import (
     render_face,
     sample_variation,
 )
-from evaluation import compare_online_vs_window, evaluate_set_pairs, make_pairs
+from evaluation import aggregate, compare_online_vs_window, evaluate_set_pairs, make_pairs
 from evaluation.aggregation import METHODS
-from evaluation.verification import count_available_pairs
+from evaluation.quality_assessment import quality_correlation, yaleb_light_angle
+from evaluation.verification import count_available_pairs, embed_images
+from flows import checkpoints
+from flows.config import load_config
+from flows.eqface import DEFAULT_CONFIG
+from flows.evaluate import ModelLoadError, load_model, to_jsonable
+from flows.runner import prepare_datasets, run_step
+from flows.steps import PlannedStep, StepKind, StepSpec
+from models import save_eqface_net
 
 FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces"
 TRACK_SEED_OFFSET = 90_000  # track identities are drawn from their own seed: never the training identities
@@ -105,7 +117,6 @@ def drift(start: SampleParams, end: SampleParams, t: float) -> SampleParams:
 def render_track(
     spec: SyntheticSpec, identity: int, length: int, kind: str, rng: np.random.Generator
 ) -> Track:
-    from data.pipeline import normalise
 
     ident = identity_params(spec, identity)
     start, end = sample_variation(rng, spec), sample_variation(rng, spec)
@@ -158,7 +169,6 @@ def yaleb_sets(
     root: Path, image_size: int, set_size: int, seed: int = 0, max_people: int | None = None
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, list[str]]:
     """(images float32 (N,3,S,S), sets as index arrays, set labels, file names) from root/yaleb/<person>/."""
-    from data.pipeline import decode_image, normalise
 
     people = sorted(p for p in (root / "yaleb").iterdir() if p.is_dir())[:max_people]
     rng = np.random.default_rng(seed)
@@ -199,7 +209,6 @@ def set_pair_results(
 
 def online_vs_window(sets: Sets, labels: np.ndarray, s_th: float, decide_at: float) -> dict[str, Any]:
     """First set of each identity enrols (QWFA); the others are streams identified against the gallery."""
-    from evaluation import aggregate
 
     labels = np.asarray(labels)
     gallery_ids = sorted(set(labels.tolist()))
@@ -306,187 +315,39 @@ def format_results(title: str, res: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- model
 
 
-def synthetic_training_set(
-    num_identities: int, per_identity: int, image_size: int, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images float32 (N, 3, S, S) in [-1, 1], labels) of the synthetic train split, in memory."""
-    from data.pipeline import decode_batch
-    from data.synthetic import generate_rows
-
-    spec = SyntheticSpec(
-        num_identities=num_identities,
-        train_per_identity=per_identity,
-        val_per_identity=1,
-        image_size=image_size,
-        seed=seed,
-    )
-    rows = list(generate_rows(spec, "train"))
-    batch = {k: np.asarray([r[k] for r in rows], dtype=np.int64 if k == "label" else object) for k in rows[0]}
-    data = decode_batch(batch, image_size=image_size, augment=None, seed=seed)
-    return torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
-
-
-def _sgd_epochs(
-    params,
-    lr: float,
-    weight_decay: float,
-    epochs: int,
-    n: int,
-    batch_size: int,
-    seed: int,
-    step_fn,
-    log,
-    what: str,
-) -> None:
-    """Minibatch SGD with the flow's schedule (warm-up, cosine decay); step_fn(idx) -> (loss, #correct)."""
-    from flows.train_step import learning_rate
-
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    rng = np.random.default_rng(seed)
-    per_epoch, step, started = n // batch_size, 0, time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.from_numpy(rng.permutation(n))
-        total, correct = 0.0, 0
-        for b in range(per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(lr, step, epochs * per_epoch, per_epoch // 2)
-            loss, hits = step_fn(idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total += loss.item()
-            correct += hits
-        log(
-            f"  {what} epoch {epoch + 1}/{epochs}: loss {total / per_epoch:.3f}, "
-            f"top1 {correct / (per_epoch * batch_size):.3f} ({time.perf_counter() - started:.0f} s)"
-        )
-
-
-def train_backbone(
-    net,
-    head,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    epochs: int,
-    batch_size: int = 32,
-    lr: float = 0.1,
-    seed: int = 0,
-    log=print,
-) -> None:
-    """EQFace step 1 (flows.train_step.StepModel kind 1): backbone + margin head, random horizontal flips."""
-    from flows.train_step import StepModel
-
-    model = StepModel(1, net, head)
-    rng = np.random.default_rng(seed + 1)
-
-    def step(idx: torch.Tensor):
-        x = images[idx]
-        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)[:, None, None, None]
-        loss, cos, _ = model(torch.where(flip, torch.flip(x, dims=[-1]), x), labels[idx])
-        return loss, int((cos.argmax(1) == labels[idx]).sum())
-
-    _sgd_epochs(
-        [p for p in model.parameters() if p.requires_grad],
-        lr,
-        5e-4,
-        epochs,
-        len(images),
-        batch_size,
-        seed,
-        step,
-        log,
-        "tiny model step 1",
-    )
-    model.eval()
-
-
-def train_quality(
-    net,
-    head,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    epochs: int,
-    batch_size: int = 64,
-    lr: float = 0.01,
-    seed: int = 0,
-    log=print,
-) -> None:
-    """EQFace step 2 (StepModel kind 2's loss): only the quality branch learns, centres fixed.
-
-    The backbone is frozen (and in eval mode) in step 2, so its outputs for the images and their mirror
-    images are computed once and the quality branch trains on them: many epochs for the cost of one.
-    """
-    net.eval()
-    with torch.no_grad():
-        outs = [
-            net.backbone(x[i : i + 256])
-            for x in (images, torch.flip(images, dims=[-1]))
-            for i in range(0, len(images), 256)
-        ]
-    embeddings = torch.cat([e for e, _ in outs])
-    feature_maps = torch.cat([f.contiguous() for _, f in outs]).float()
-    all_labels = torch.cat([labels, labels])
-    head.requires_grad_(False)
-    net.backbone.requires_grad_(False)
-    net.quality.requires_grad_(True)  # step 1 froze it
-    net.quality.train()
-
-    def step(idx: torch.Tensor):
-        out = head(embeddings[idx], all_labels[idx], net.quality(feature_maps[idx]))
-        return out.loss, int((out.cos.argmax(1) == all_labels[idx]).sum())
-
-    _sgd_epochs(
-        list(net.quality.parameters()),
-        lr,
-        0.0,
-        epochs,
-        len(embeddings),
-        batch_size,
-        seed,
-        step,
-        log,
-        "tiny model step 2",
-    )
-    net.quality.eval()
-    with torch.no_grad():
-        q = net.quality(feature_maps)
-    log(
-        f"  quality on the training images: mean {q.mean():.3f}, std {q.std():.3f}, "
-        f"min {q.min():.3f}, max {q.max():.3f}"
-    )
-
-
 def train_tiny_model(
+    work_dir: Path,
     image_size: int = 32,
     num_identities: int = 160,
     per_identity: int = 16,
     epochs: int = 16,
-    quality_epochs: int = 30,
+    quality_epochs: int = 6,
     seed: int = 0,
-    log=print,
-) -> torch.nn.Module:
-    """A small EQFaceNet trained in-process on synthetic faces: step 1 (backbone), then step 2 (quality)."""
-    from models import MarginHead, build_eqface_net
-
-    torch.manual_seed(seed)
-    images, labels = synthetic_training_set(num_identities, per_identity, image_size, seed)
-    net = build_eqface_net(
-        backbone="mobilefacenet", input_size=image_size, width_mult=0.5, embedding_size=64, quality_hidden=64
-    )
-    head = MarginHead(num_identities, 64, scale=32.0, m2=0.3)
-    train_backbone(net, head, images, labels, epochs, seed=seed, log=log)
-    train_quality(net, head, images, labels, quality_epochs, seed=seed, log=log)
-    return net.eval()
+) -> tuple[torch.nn.Module, Any, Any]:
+    """A small EQFaceNet trained on synthetic faces by the flow's own step runner on a local Ray: step 1
+    (backbone), then step 2 (quality). Returns (the step-2 network, step 1's checkpoint, step 2's)."""
+    cfg = load_config([DEFAULT_CONFIG], [
+        f"data.image_size={image_size}", f"data.synthetic.num_identities={num_identities}",
+        f"data.synthetic.train_per_identity={per_identity}", "data.synthetic.val_per_identity=2",
+        f"data.synthetic.seed={seed}", f"data.cache_root={work_dir / 'data'}", f"flow.storage={work_dir / 'runs'}",
+        f"flow.seed={seed}", "model.embedding_size=64", "model.quality_hidden=64", f"step1.epochs={epochs}",
+        f"step2.epochs={quality_epochs}", "scaling.num_workers=1",
+    ])
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        data = prepare_datasets(cfg)
+        step1 = run_step(cfg, StepSpec(PlannedStep(0, StepKind.BACKBONE, 0), data.num_classes), data, "tiny-step1")
+        step2 = run_step(cfg, StepSpec(PlannedStep(1, StepKind.QUALITY, 0), data.num_classes, init_checkpoint=step1),
+                         data, "tiny-step2")
+        return checkpoints.load_net(step2), step1, step2
+    finally:
+        ray.shutdown()
 
 
 def embed_sets(
     net: torch.nn.Module, images: np.ndarray, index_sets: list[np.ndarray], progress: bool = True
 ) -> tuple[Sets, np.ndarray]:
     """Per set (flip-sum embeddings, EQFace qualities), and the quality of every image."""
-    from flows.evaluate import embed_images
-
     emb = embed_images(net, images, batch_size=128, progress=progress)
     return [(emb.embeddings[i], emb.quality[i]) for i in index_sets], emb.quality
 
@@ -521,9 +382,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluation.quality_assessment import quality_correlation, yaleb_light_angle
-    from flows.evaluate import ModelLoadError, load_model, to_jsonable
-
     args = parse_args(argv)
     started = time.perf_counter()
     if args.model:
@@ -535,11 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {args.model} ({image_size} px)")
     else:
         image_size = args.image_size or 32
-        print(f"model: none given; training a tiny EQFaceNet on synthetic faces ({image_size} px)")
-        net = train_tiny_model(image_size=image_size, seed=args.seed, log=lambda m: print(m, flush=True))
+        print(f"model: none given; training a tiny EQFaceNet on synthetic faces ({image_size} px), steps 1 and 2")
+        with tempfile.TemporaryDirectory(prefix="eqface-set-aggregation-") as work:
+            net, _, _ = train_tiny_model(Path(work), image_size=image_size, seed=args.seed)
         if args.save_model:
-            from models import save_eqface_net
-
             args.save_model.parent.mkdir(parents=True, exist_ok=True)
             save_eqface_net(net, args.save_model)
     torch.set_grad_enabled(False)

@@ -5,7 +5,7 @@
 All sides run step 1 of the default config (same model, batch size, threads, shards) on this machine, in one
 run, best epoch of epochs 2..N each (epoch 1 warms up allocators and starts Ray Data):
 
-* Ray Train, 1 worker: the flow's own code (TorchTrainer, Ray Data read + decode + augment in parallel tasks,
+* Ray Train, 1 worker: the flow's own step runner (TorchTrainer, Ray Data read + decode + augment in parallel tasks,
   local shuffle, per-epoch checkpoints), images/s as the step logs it (whole epochs, start-up included).
 * plain loop, same work: one process reads the same shards and decodes + augments every batch inline with
   the same code (`data.pipeline.decode_batch`), then trains: what a plain PyTorch script would do. The target
@@ -25,11 +25,19 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
+import ray
 import torch
 
-from flows.config import load_config
-from flows.eqface import DEFAULT_CONFIG, prepare_datasets
-from flows.train_step import StepModel, StepSpec, build_net_and_head, train_loop_per_worker
+from data import storage
+from data.pipeline import decode_batch, load_arrays
+from data.shards import shard_uris
+from flows import checkpoints
+from flows.config import load_config, with_overrides
+from flows.eqface import DEFAULT_CONFIG
+from flows.runner import prepare_datasets, run_step
+from flows.step_model import StepModel, build_net_and_head
+from flows.steps import PlannedStep, StepKind, StepSpec
 
 
 def _model(cfg, num_classes: int):
@@ -47,7 +55,6 @@ def _train_batch(model, opt, images: torch.Tensor, labels: torch.Tensor) -> None
 
 
 def plain_predecoded(cfg, data, epochs: int) -> float:
-    from data.pipeline import load_arrays
 
     arrays = load_arrays(data.train, image_size=cfg.data.image_size)
     images, labels = torch.from_numpy(arrays["image"]), torch.from_numpy(arrays["label"])
@@ -66,11 +73,7 @@ def plain_predecoded(cfg, data, epochs: int) -> float:
 
 def plain_same_work(cfg, data, epochs: int) -> float:
     """Encoded rows in memory (as a page cache would hold the shards); decode + augment inline, per batch."""
-    import pyarrow.parquet as pq
 
-    from data import storage
-    from data.pipeline import decode_batch
-    from data.shards import shard_uris
 
     tables = [pq.read_table(storage.resolve(u)[1], filesystem=storage.resolve(u)[0],
                             columns=["image", "label", "source"]) for u in shard_uris(data.train)]
@@ -93,28 +96,14 @@ def plain_same_work(cfg, data, epochs: int) -> float:
 
 
 def ray_loop(cfg, data, epochs: int) -> tuple[float, list[float]]:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from data.pipeline import training_dataset
-    from flows import checkpoints
-
+    """Step 1 through the flow's own step runner, 1 worker, on a local Ray with every core."""
+    cfg = with_overrides(cfg, {"step1.epochs": epochs})
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    spec = StepSpec(1, 0, 0, data.num_classes, mlflow_run_id="", tracking_uri="")
-    cfg.step1.epochs = epochs
     try:
         with tempfile.TemporaryDirectory() as storage:
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={"config": cfg.to_dict(), "step": spec, "samples": data.num_train},
-                scaling_config=ray.train.ScalingConfig(
-                    num_workers=1, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-                run_config=ray.train.RunConfig(name="throughput", storage_path=storage),
-                datasets={"train": training_dataset(data.train, image_size=cfg.data.image_size,
-                                                    augment=cfg.data.augment, seed=0)},
-            )
-            history = checkpoints.load_state(trainer.fit().checkpoint)["history"]
+            spec = StepSpec(PlannedStep(0, StepKind.BACKBONE, 0), data.num_classes)
+            checkpoint = run_step(cfg, spec, data, "throughput", storage_uri=storage)
+            history = checkpoints.load_state(checkpoint)["history"]
     finally:
         ray.shutdown()
     rates = [m["images_per_s"] for m in history]

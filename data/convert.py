@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from data import recordio, storage
 from data.pairs import PAIRS_MANIFEST, contiguous_folds, write_pairs_dataset
-from data.shards import MANIFEST_NAME, DatasetError, write_dataset
+from data.shards import MANIFEST_NAME, DatasetError, read_manifest, write_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 CHUNK = 32  # items per worker task: large enough to amortise the IPC, small enough to keep memory flat
@@ -658,7 +658,6 @@ def convert_verification_bin(path: str, dst: str, *, num_folds: int = 10,
 
 
 def _finish_pairs(report: ConvertReport, doc: dict[str, Any], dst: str, started: float) -> ConvertReport:
-    from data.shards import read_manifest
 
     report.num_pairs = doc["num_pairs"]
     return _finish(report, read_manifest(storage.join(dst, "images")), started)

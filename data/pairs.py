@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from data import storage
 from data.pipeline import decode_batch, load_arrays
 from data.shards import DatasetError, directory_state, read_manifest, shard_uris, write_dataset
+from evaluation.verification import make_pairs
 
 PAIRS_SCHEMA_VERSION = 1
 IMAGES_DIR = "images"
@@ -311,7 +312,6 @@ def pairs_from_dataset(uri: str, num_genuine: int, num_impostor: int, seed: int 
 
     images/labels hold just the images that some pair uses; pairs index them. Folds are contiguous.
     """
-    from evaluation.verification import make_pairs
 
     labels = _read_column(uri, "label").astype(np.int64)
     try:

@@ -27,16 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
+import ray.data
+import ray.train
 from PIL import Image
 
 from data import storage
 from data.augment import AugmentConfig, augment_image
 from data.shards import DatasetError, read_manifest, shard_uris
+from infra.ray_errors import exception_chain, remote_error_message
 
 if TYPE_CHECKING:
-    import ray.data
-    import ray.train
-    import torch
+    import torch  # the workers' tensors; this module itself runs without torch (Ray Data decode tasks)
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +206,6 @@ def decode_batch(
 def dataset_error_from(exc: BaseException) -> DatasetError | None:
     """The DatasetError behind an exception from a Ray Data pipeline or a Ray Train worker, or None: the object
     itself where Ray kept it, else one rebuilt from the message in Ray's formatted traceback."""
-    from infra.ray_errors import exception_chain, remote_error_message
 
     for e in exception_chain(exc):
         if isinstance(e, DatasetError):
@@ -224,7 +225,6 @@ def read_row_groups(uri: str) -> ray.data.Dataset:
     that shard), so errors name the exact row. Tasks get URIs, never a filesystem object: S3 credentials
     stay in the environment, out of task specs.
     """
-    import ray.data
 
     read_manifest(uri)  # a clear error for a missing or unfinished dataset, before any task runs
     units = []
@@ -310,7 +310,6 @@ class _RowTally:
 
 def corrupt_row_tally():
     """A Ray actor for `training_dataset(tally=...)`; `ray.get(tally.skipped.remote())` lists the rows."""
-    import ray
 
     return ray.remote(num_cpus=0)(_RowTally).remote()
 
@@ -319,7 +318,6 @@ def _decode_and_tally(batch: dict[str, np.ndarray], *, tally: Any, **kwargs: Any
     del _skipped_rows[:]
     out = decode_batch(batch, **kwargs)
     if _skipped_rows:
-        import ray
 
         ray.get(tally.add.remote(list(_skipped_rows)))  # waited for: the task may end right after
         del _skipped_rows[:]
@@ -328,7 +326,6 @@ def _decode_and_tally(batch: dict[str, np.ndarray], *, tally: Any, **kwargs: Any
 
 def ingest_data_config(preserve_order: bool = True) -> ray.train.DataConfig:
     """DataConfig for TorchTrainer(dataset_config=...) that keeps Ray Data's block order deterministic."""
-    import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = preserve_order

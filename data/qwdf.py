@@ -30,12 +30,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+import ray.data
 import torch
 from tqdm import tqdm
 
 from data import shards, storage
 from data.pipeline import dataset_error_from, decode_batch
 from data.shards import DatasetError, read_manifest, shard_uris, write_dataset
+from flows.checkpoints import load_net_from
+from models.eqface_net import unwrap
 
 SCORE_COLUMNS = ["image", "label", "identity", "source"]
 REPORT_NAME = "qwdf_report.json"
@@ -75,7 +79,6 @@ def score_images(net: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray, 
 
 
 def model_input_size(net: torch.nn.Module) -> int | None:
-    from models.eqface_net import unwrap
 
     arch = getattr(unwrap(net), "arch", None) or {}
     return arch.get("input_size")
@@ -145,8 +148,6 @@ class _RayScorer:
 
 def _score_ray(src: str, net: torch.nn.Module, image_size: int, batch_size: int, scores: _Scores,
                progress: bool, actors: int) -> None:
-    import ray
-    import ray.data
 
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local cluster
@@ -237,7 +238,6 @@ def qwdf(model: str | torch.nn.Module, src: str, dst: str, s_th: float, *, image
     manifest = read_manifest(src)
     _check_columns(src)
     if isinstance(model, str):
-        from flows.checkpoints import load_net_from
 
         net = load_net_from(model)
     else:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
 from data import storage
 
@@ -115,7 +116,6 @@ def _arrow_type_for(value: Any, name: str) -> pa.DataType:
 
 def _image_size_of(data: bytes) -> tuple[int, int] | None:
     """(h, w) from the image header without decoding pixels; None if unreadable."""
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -523,7 +523,6 @@ def _same_type(actual: str, recorded: str) -> bool:
 
 
 def _check_decodes(data: bytes, where: str, image_size: list[int] | None = None) -> None:
-    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:

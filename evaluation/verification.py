@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 DEFAULT_FARS: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
 
@@ -83,6 +85,19 @@ def _first_output(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _views(embed_fn: Callable[[Any], Any], images: Any, batch_size: int | None, progress: bool = False):
+    """(embed_fn(x), embed_fn(hflip(x))) for each batch x of `images` (width last), without gradients."""
+    n = len(images)
+    if n == 0:
+        raise ValueError("images: empty batch")
+    step = batch_size or n
+    with torch.no_grad():
+        for start in tqdm(range(0, n, step), desc="embedding", unit="batch", disable=not progress):
+            x = images[start : start + step]
+            x_flip = torch.flip(x, dims=[-1]) if isinstance(x, torch.Tensor) else np.ascontiguousarray(x[..., ::-1])
+            yield embed_fn(x), embed_fn(x_flip)
+
+
 def flip_sum_embeddings(
     embed_fn: Callable[[Any], Any],
     images: Any,
@@ -94,32 +109,49 @@ def flip_sum_embeddings(
     `embed_fn(images) -> embedding` or `-> (embedding, quality)`; torch or numpy in and out.
     With `return_quality=True` also returns the mean quality of the two views.
     """
-    n = len(images)
-    if n == 0:
-        raise ValueError("images: empty batch")
-    step = batch_size or n
     embs, quals = [], []
-    with torch.no_grad():
-        for start in range(0, n, step):
-            x = images[start : start + step]
-            x_flip = (
-                torch.flip(x, dims=[-1])
-                if isinstance(x, torch.Tensor)
-                else np.ascontiguousarray(x[..., ::-1])
-            )
-            out, out_flip = embed_fn(x), embed_fn(x_flip)
-            embs.append(
-                as_numpy(_first_output(out), "embed_fn output")
-                + as_numpy(_first_output(out_flip), "embed_fn output")
-            )
-            if return_quality:
-                if not isinstance(out, (tuple, list)) or len(out) < 2:
-                    raise ValueError("return_quality=True needs embed_fn to return (embedding, quality)")
-                quals.append((as_numpy(out[1], "quality") + as_numpy(out_flip[1], "quality")) / 2)
+    for out, out_flip in _views(embed_fn, images, batch_size):
+        embs.append(
+            as_numpy(_first_output(out), "embed_fn output") + as_numpy(_first_output(out_flip), "embed_fn output")
+        )
+        if return_quality:
+            if not isinstance(out, (tuple, list)) or len(out) < 2:
+                raise ValueError("return_quality=True needs embed_fn to return (embedding, quality)")
+            quals.append((as_numpy(out[1], "quality") + as_numpy(out_flip[1], "quality")) / 2)
     emb = np.concatenate(embs)
     check_finite(emb, "flip-sum embedding")
     emb = l2_normalize(emb)
     return (emb, np.concatenate(quals).reshape(-1)) if return_quality else emb
+
+
+@dataclass
+class Embedded:
+    embeddings: np.ndarray  # (N, E) flip-sum, L2-normalised: what verification compares
+    raw_embeddings: np.ndarray  # (N, E) of the image itself, unnormalised: the feature-norm baseline
+    quality: np.ndarray  # (N,) quality of the image itself
+
+
+def embed_images(net: Callable[[Any], Any], images: np.ndarray, batch_size: int = 64,
+                 progress: bool = False) -> Embedded:
+    """What evaluation needs of a face model over float32 images (N, 3, H, W) in [-1, 1]: flip-sum embeddings
+    (as `flip_sum_embeddings`), and the raw embedding and quality of each unflipped image.
+    `net(x: torch.Tensor) -> (embedding, quality)`, e.g. an EQFaceNet in eval mode."""
+    summed, raw, quality = [], [], []
+    for out, out_flip in _views(lambda x: net(torch.as_tensor(x)), images, batch_size, progress):
+        emb = as_numpy(out[0], "model embedding")
+        raw.append(emb)
+        summed.append(emb + as_numpy(out_flip[0], "model embedding"))
+        quality.append(as_numpy(out[1], "model quality").reshape(-1))
+    flip = np.concatenate(summed)
+    check_finite(flip, "model embeddings")
+    return Embedded(l2_normalize(flip), np.concatenate(raw), np.concatenate(quality))
+
+
+def image_quality(net: Callable[[Any], Any], images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N,) quality of each image: `net(x)[1]`, one pass, no flip."""
+    with torch.no_grad():
+        return np.concatenate([as_numpy(net(torch.as_tensor(images[i:i + batch_size]))[1], "model quality")
+                               .reshape(-1) for i in range(0, len(images), batch_size)])
 
 
 # ----------------------------------------------------------------------------- thresholds and rates
@@ -196,29 +228,36 @@ def best_accuracy_threshold(scores: np.ndarray, is_same: np.ndarray) -> tuple[fl
 
 
 def kfold_accuracy(
-    scores: np.ndarray, is_same: np.ndarray, n_folds: int = 10
+    scores: np.ndarray, is_same: np.ndarray, n_folds: int = 10, folds: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """LFW protocol: contiguous folds in pair order, each scored at the threshold best on the others.
+    """Accuracy per fold at the threshold best on the other folds: (fold accuracies, fold thresholds).
 
-    Returns (fold accuracies, fold thresholds).
+    `folds`: a fold id per pair (a set's own folds, e.g. LFW pairs.txt); by default the LFW protocol's
+    `n_folds` contiguous folds in pair order.
     """
-    if scores.size < n_folds:
-        raise ValueError(f"{scores.size} pairs cannot be split into {n_folds} folds")
-    folds = np.array_split(np.arange(scores.size), n_folds)
-    accs, thresholds = np.empty(n_folds), np.empty(n_folds)
-    for k, test in enumerate(folds):
-        train = np.ones(scores.size, dtype=bool)
-        train[test] = False
-        t, _ = best_accuracy_threshold(scores[train], is_same[train])
+    if folds is None:
+        if scores.size < n_folds:
+            raise ValueError(f"{scores.size} pairs cannot be split into {n_folds} folds")
+        folds = np.repeat(np.arange(n_folds), [len(part) for part in np.array_split(np.arange(scores.size), n_folds)])
+    folds = np.asarray(folds)
+    ids = np.unique(folds)
+    if ids.size < 2:
+        raise ValueError(f"folds: need at least 2 folds, got {ids.size}")
+    accs, thresholds = np.empty(ids.size), np.empty(ids.size)
+    for k, fold in enumerate(ids):
+        test = folds == fold
+        t, _ = best_accuracy_threshold(scores[~test], is_same[~test])
         accs[k] = np.mean((scores[test] > t) == is_same[test])
         thresholds[k] = t
     return accs, thresholds
 
 
 def verify_scores(
-    scores: Any, is_same: Any, n_folds: int = 10, fars: Sequence[float] = DEFAULT_FARS
+    scores: Any, is_same: Any, n_folds: int = 10, fars: Sequence[float] = DEFAULT_FARS,
+    folds: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Verification metrics from precomputed similarity scores; see `verify`."""
+    """Verification metrics from precomputed similarity scores; see `verify`. `folds`: the set's own fold
+    per pair (else `n_folds` contiguous folds), named in `fold_protocol`."""
     s = as_numpy(scores, "scores").reshape(-1)
     check_finite(s, "scores")
     y = check_labels_bool(is_same, s.size)
@@ -226,7 +265,8 @@ def verify_scores(
         raise ValueError(
             f"is_same: needs both genuine and impostor pairs, got {int(y.sum())} genuine of {y.size}"
         )
-    accs, fold_thresholds = kfold_accuracy(s, y, n_folds)
+    own_folds = folds is not None and np.unique(folds).size >= 2
+    accs, fold_thresholds = kfold_accuracy(s, y, n_folds, folds if own_folds else None)
     best_t, best_acc = best_accuracy_threshold(s, y)
     tars, tar_thresholds, notes = tar_at_far(s, y, fars)
     fpr, tpr, roc_thresholds = roc_curve(s, y)
@@ -235,6 +275,8 @@ def verify_scores(
         "acc_std": float(accs.std()),
         "fold_accuracies": accs,
         "fold_thresholds": fold_thresholds,
+        "fold_protocol": (f"the set's own {accs.size} folds" if own_folds
+                          else f"{n_folds} contiguous folds in pair order"),
         "best_threshold": best_t,
         "best_threshold_accuracy": best_acc,
         "tar_at_far": tars,

@@ -11,14 +11,22 @@ A checkpoint is addressed by a URI (local path or s3://...), which is what MLflo
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow.pytorch
+import pyarrow.fs as pafs
 import torch
+from ray.train import Checkpoint
 
 from data import storage
+from infra.ray_errors import exception_chain, remote_error_message
+from models import load_eqface_net, save_eqface_net
+from models.partial_fc import SHARD_FILE, load_sharded_centres, save_sharded_centres
 
 STATE_FILE = "state.pt"
 NET_FILE = "net.pt"
@@ -26,7 +34,6 @@ META_FILE = "meta.json"
 
 
 def write_checkpoint_dir(directory: Path, state: dict[str, Any], net: torch.nn.Module, meta: dict) -> None:
-    from models import save_eqface_net
 
     torch.save(state, directory / STATE_FILE)
     save_eqface_net(net, directory / NET_FILE)
@@ -37,7 +44,6 @@ def write_checkpoint_dir(directory: Path, state: dict[str, Any], net: torch.nn.M
 
 def checkpoint_uri(checkpoint) -> str:
     """URI of a ray.train.Checkpoint: its path on the storage filesystem, with s3:// where it is on S3."""
-    import pyarrow.fs as pafs
 
     if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
         return f"s3://{checkpoint.path.lstrip('/')}"
@@ -47,7 +53,6 @@ def checkpoint_uri(checkpoint) -> str:
 def from_uri(uri: str, net_only: bool = False):
     """ray.train.Checkpoint for a URI recorded in MLflow; a clear error when it is gone or incomplete.
     `net_only`: only the network will be read (evaluation), not the training state."""
-    from ray.train import Checkpoint
 
     fs, path = storage.resolve(uri)
     check_complete(fs, path, uri, net_only)
@@ -63,7 +68,6 @@ def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
     whole. S3 objects appear whole or not at all; a local file may be cut short, so every file meta.json
     lists (rank 0's) must have the size it was written with.
     """
-    import pyarrow.fs as pafs
 
     listing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     sizes = {info.base_name: info.size for info in listing if info.type == pafs.FileType.File}
@@ -93,7 +97,6 @@ def check_complete(fs, path: str, uri: str, net_only: bool = False) -> dict:
 
 def _missing_centres(names: list[str], num_classes: int | None) -> list[str]:
     """What the centres_<start>_<end>.pt files lack to tile [0, num_classes) (one file per writing rank)."""
-    from models.partial_fc import SHARD_FILE
 
     shards = sorted((int(m.group(1)), int(m.group(2))) for m in map(SHARD_FILE.match, names) if m)
     if not shards:
@@ -110,14 +113,12 @@ def _missing_centres(names: list[str], num_classes: int | None) -> list[str]:
 
 def save_centres(head: torch.nn.Module, directory: Path) -> None:
     """Class centres as centres_<start>_<end>.pt: the same files for a full or a sharded head."""
-    from models.partial_fc import save_sharded_centres
 
     save_sharded_centres(head, directory)
 
 
 def load_centres(checkpoint, head: torch.nn.Module) -> None:
     """Fill a full or sharded head with its rows, whatever number of workers wrote the checkpoint."""
-    from models.partial_fc import load_sharded_centres
 
     with checkpoint.as_directory() as d:
         load_sharded_centres(head, d)
@@ -135,7 +136,6 @@ def load_state(checkpoint) -> dict[str, Any]:
 
 def load_net(checkpoint):
     """The EQFaceNet (backbone + quality branch) of a checkpoint, on CPU, in eval mode."""
-    from models import load_eqface_net
 
     with checkpoint.as_directory() as d:
         net = load_eqface_net(Path(d) / NET_FILE)
@@ -145,11 +145,9 @@ def load_net(checkpoint):
 def load_net_from(path_or_uri: str):
     """EQFaceNet from a checkpoint directory/URI, a net.pt file, or an MLflow model URI (models:/..., runs:/...)."""
     if path_or_uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow.pytorch
 
         return mlflow.pytorch.load_model(path_or_uri, map_location="cpu").eval()
     if path_or_uri.endswith(".pt") and not storage.is_s3(path_or_uri):
-        from models import load_eqface_net
 
         return load_eqface_net(path_or_uri).eval()
     return load_net(from_uri(path_or_uri, net_only=True))
@@ -172,7 +170,6 @@ class CheckpointStorageError(RuntimeError):
 
 
 def _storage_reasons() -> dict[int, str]:
-    import errno
 
     return {errno.ENOSPC: "storage is full (no space left on device)", errno.EDQUOT: "disk quota exceeded",
             errno.EROFS: "storage is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
@@ -181,9 +178,7 @@ def _storage_reasons() -> dict[int, str]:
 def storage_failure(exc: BaseException) -> str | None:
     """Why a write failed when the storage itself refused it, else None. pyarrow's OSErrors often carry
     the errno only in their text ("[errno 28] No space left on device"), so both are read."""
-    import re
 
-    from infra.ray_errors import exception_chain
 
     reasons = _storage_reasons()
     for e in exception_chain(exc):
@@ -202,7 +197,6 @@ def storage_error_from(exc: BaseException, storage_uri: str, step_name: str) -> 
     recovered from the text; a failure outside it (the controller writing its run state) is named here,
     for the step `step_name`.
     """
-    from infra.ray_errors import remote_error_message
 
     message = remote_error_message(exc, CheckpointStorageError)
     if message is not None:

@@ -1,42 +1,71 @@
 """Typed configuration of an EQFace flow.
 
 One `Config` object is built from YAML files (later files override earlier ones) and `key.sub=value`
-command-line overrides, validated once, and then travels unchanged to every training step and,
-flattened, into MLflow params. Field defaults are the embedded CPU default (configs/default.yaml
-spells them out).
+overrides, and travels unchanged to every training step (Ray pickles it into the workers) and, flattened,
+into MLflow params. The dataclasses hold the defaults (configs/default.yaml spells them out and a test keeps
+it equal to them). Each section validates itself when it is built and builds the component it configures:
+`ModelConfig.build_net` / `build_head`, `StepConfig.build_optimizer`, `SyntheticConfig.spec`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
+import os
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import torch
 import yaml
+from torch import nn
 
 from data.augment import AugmentConfig
+from data.synthetic import SyntheticSpec
+from models import BACKBONE_NAMES, MarginHead, ShardedMarginHead, build_eqface_net
+from models.eqface_net import EQFaceNet
+from models.margin import margin_problems
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line naming the file/key and what is wrong."""
 
 
+class Section:
+    """A config section: `KEY` is its dotted place in the config, used to name keys in error messages."""
+
+    KEY: ClassVar[str] = ""
+
+    def check(self, ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.KEY}.{name}: {message}")
+
+
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(Section):
     """The embedded procedural face set (data/synthetic.py), generated on first use and cached."""
 
+    KEY: ClassVar[str] = "data.synthetic"
     num_identities: int = 100
     train_per_identity: int = 40
     val_per_identity: int = 10
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.check(self.num_identities >= 2, "num_identities", "must be >= 2")
+        self.check(self.train_per_identity >= 1, "train_per_identity", "must be >= 1")
+
+    def spec(self, image_size: int) -> SyntheticSpec:
+        return SyntheticSpec(num_identities=self.num_identities, train_per_identity=self.train_per_identity,
+                             val_per_identity=self.val_per_identity, image_size=image_size, seed=self.seed)
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    KEY: ClassVar[str] = "data"
     # "synthetic" or the URI (local path or s3://) of a shard dataset with a manifest.json.
     train: str = "synthetic"
     # Held-out split for validation; derived automatically for "synthetic".
@@ -55,9 +84,15 @@ class DataConfig:
     # checkpoint (with several workers, which rows each one gets still varies).
     deterministic: bool = False
 
+    def __post_init__(self) -> None:
+        self.check(self.image_size >= 16, "image_size", f"must be >= 16 (e.g. 112, 64, 56), got {self.image_size}")
+        if self.train != "synthetic":
+            self.check(bool(self.val), "val", "a held-out dataset URI is required when data.train is a URI")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    KEY: ClassVar[str] = "model"
     backbone: str = "mobilefacenet"
     width_mult: float = 0.5
     embedding_size: int = 128
@@ -70,11 +105,37 @@ class ModelConfig:
     head: str = "full"
     head_sample_rate: float = 1.0
 
+    def __post_init__(self) -> None:
+        self.check(self.backbone in BACKBONE_NAMES, "backbone",
+                   f"unknown backbone {self.backbone!r} (valid: {', '.join(BACKBONE_NAMES)})")
+        self.check(self.width_mult > 0, "width_mult", f"must be > 0, got {self.width_mult}")
+        self.check(self.embedding_size > 0, "embedding_size", "must be > 0")
+        self.check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        self.check(self.head in ("full", "sharded"), "head", f"must be 'full' or 'sharded', got {self.head!r}")
+        self.check(0 < self.head_sample_rate <= 1, "head_sample_rate",
+                   f"must be in (0, 1], got {self.head_sample_rate}")
+        self.check(self.head_sample_rate == 1 or self.head == "sharded", "head_sample_rate",
+                   "negative-centre sampling needs model.head: sharded")
+
+    def build_net(self, input_size: int) -> EQFaceNet:
+        """Backbone + quality branch."""
+        return build_eqface_net(backbone=self.backbone, input_size=input_size, embedding_size=self.embedding_size,
+                                width_mult=self.width_mult, dropout=self.dropout, quality_hidden=self.quality_hidden,
+                                quality_pooled=self.quality_pooled)
+
+    def build_head(self, num_classes: int, loss: LossConfig) -> nn.Module:
+        """The margin head; a sharded one takes this process's rank in the DDP group."""
+        if self.head == "sharded":
+            return ShardedMarginHead(num_classes, self.embedding_size, sample_rate=self.head_sample_rate,
+                                     **loss.margins())
+        return MarginHead(num_classes, self.embedding_size, **loss.margins())
+
 
 @dataclass
-class LossConfig:
+class LossConfig(Section):
     """Combined margin softmax (paper eq. 3 / eq. 6): s_i * S * (m1*cos(theta_y + m2) - m3)."""
 
+    KEY: ClassVar[str] = "loss"
     scale: float = 32.0
     m1: float = 1.0
     # ArcFace-style 0.3 rather than 0.5: with a small backbone trained for minutes, a 0.5 rad margin leaves
@@ -85,11 +146,22 @@ class LossConfig:
     form: str = "outside"
     focal_gamma: float = 0.0
 
+    def __post_init__(self) -> None:
+        problems = margin_problems(**self.margins())  # the heads' own rule, reported under the config key
+        if problems:
+            name, problem = problems[0]
+            raise ConfigError(f"{self.KEY}.{name}: {problem}")
+
+    def margins(self) -> dict[str, Any]:
+        """The margin head's keyword arguments."""
+        return dataclasses.asdict(self)
+
 
 @dataclass
-class StepConfig:
-    """Optimisation settings of one kind of training step."""
+class StepConfig(Section):
+    """Optimisation settings of one kind of training step (`flows.steps.StepKind.section` names which)."""
 
+    KEY: ClassVar[str] = "step1"
     epochs: int = 8
     batch_size: int = 32  # per worker
     lr: float = 0.1
@@ -97,9 +169,19 @@ class StepConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.5
 
+    def __post_init__(self) -> None:
+        self.check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        self.check(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        self.check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        self.check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+
+    def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
 
 @dataclass
 class Step2Config(StepConfig):
+    KEY: ClassVar[str] = "step2"
     epochs: int = 2
     batch_size: int = 64
     lr: float = 0.05
@@ -112,16 +194,23 @@ class Step2Config(StepConfig):
 
 @dataclass
 class Step3Config(StepConfig):
+    KEY: ClassVar[str] = "step3"
     epochs: int = 3
     # "scratch": a new backbone and margin head; "continue": start from the teacher's backbone and head.
     init: str = "continue"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.init in ("scratch", "continue"), "init",
+                   f"must be 'scratch' or 'continue', got {self.init!r}")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(Section):
+    KEY: ClassVar[str] = "scaling"
     num_workers: int = 2
     use_gpu: bool = False
     # Ray Data tasks need CPU left over: on a 2-core machine, 2 workers x 1 CPU starves them and hangs.
@@ -133,9 +222,25 @@ class ScalingConfig:
     # nodes where it can (STRICT_* make it a hard requirement).
     placement_strategy: str = "PACK"
 
+    def __post_init__(self) -> None:
+        self.check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        self.check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        self.check(self.amp in ("none", "bf16", "fp16"), "amp", f"must be none, bf16 or fp16, got {self.amp!r}")
+        self.check(not (self.amp == "fp16" and not self.use_gpu), "amp",
+                   "fp16 autocast needs use_gpu: true (use bf16 on CPU)")
+        self.check(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
+                   f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+
+DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
+
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig(Section):
+    KEY: ClassVar[str] = "tracking"
     # Empty = $MLFLOW_TRACKING_URI, else http://127.0.0.1:5000.
     uri: str = ""
     experiment: str = "eqface"
@@ -143,9 +248,17 @@ class TrackingConfig:
     # the step fails (its checkpoints stay; a resume sends the metrics it could not).
     max_outage_s: float = 300.0
 
+    def __post_init__(self) -> None:
+        self.check(self.max_outage_s > 0, "max_outage_s", f"must be > 0, got {self.max_outage_s}")
+
+    def resolved_uri(self) -> str:
+        """The tracking server this flow talks to."""
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
 
 @dataclass
-class FlowConfig:
+class FlowConfig(Section):
+    KEY: ClassVar[str] = "flow"
     # A re-submitted flow with the same name resumes: finished steps are skipped.
     name: str = "default"
     loops: int = 1
@@ -155,6 +268,12 @@ class FlowConfig:
     # Worker-group restarts Ray Train may do within a step (from the last checkpoint).
     max_failures: int = 2
     checkpoints_to_keep: int = 2
+
+    def __post_init__(self) -> None:
+        self.check(self.loops >= 0, "loops", f"must be >= 0, got {self.loops}")
+        self.check(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        self.check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        self.check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
 
 
 @dataclass
@@ -169,8 +288,9 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def step(self, kind: int) -> StepConfig:
-        return {1: self.step1, 2: self.step2, 3: self.step3}[kind]
+    def section(self, name: str) -> StepConfig:
+        """A step's optimisation section by its key (`StepKind.section`: "step1", "step2", "step3")."""
+        return getattr(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,44 +315,63 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """`"a.b=value"` -> ("a.b", value parsed as YAML, e.g. 1e-6 -> 1e-06, [1, 2] -> a list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_key(tree: dict[str, Any], key: str, value: Any, what: str) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {part!r} is not a section")
+    node[leaf] = value
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
-    """Defaults <- each YAML file in order <- `a.b=value` overrides, then validate."""
+    """Defaults <- each YAML file in order <- `a.b=value` overrides; every section validates itself."""
     tree: dict[str, Any] = {}
     for path in files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        _merge(tree, loaded)
+        _merge(tree, read_yaml(Path(path)))
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = tree
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = value
+        key, value = parse_override(item)
+        _set_key(tree, key, value, f"override {item!r}")
     where = " + ".join([str(f) for f in files] + (["command line"] if overrides else [])) or "defaults"
-    cfg = _build(Config, tree, "", where)
-    validate(cfg)
-    return cfg
+    return _build(Config, tree, "", where)
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """`cfg` with dotted keys changed (`{"loss.m2": 0.41}`), through the same parser and checks as the command line."""
+    tree = cfg.to_dict()
+    for key, value in overrides.items():
+        _set_key(tree, key, copy.deepcopy(value), f"override {key}={value!r}")
+    return _build(Config, tree, "", "overrides")
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild the Config that `Config.to_dict()` produced (in Ray workers, from MLflow params)."""
+    """Rebuild the Config that `Config.to_dict()` produced (e.g. from MLflow params)."""
     return _build(Config, tree, "", "config")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
 
 
 def _merge(base: dict, update: dict) -> None:
@@ -258,7 +397,9 @@ def _build(cls: type, tree: Any, prefix: str, where: str) -> Any:
         kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", where)
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:  # a section's own checks (e.g. AugmentConfig)
+    except ConfigError:  # our own sections' checks: the message already names the key
+        raise
+    except (TypeError, ValueError) as exc:  # another section's checks (e.g. AugmentConfig)
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {exc}") from None
 
 
@@ -300,59 +441,3 @@ def _coerce(hint: Any, value: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
         return value
     return value
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: contradictions and out-of-range values fail here, before any service is touched.
-
-
-def validate(cfg: Config) -> None:
-    from models import BACKBONE_NAMES  # local import: models imports torch
-
-    def check(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
-
-    check(cfg.model.backbone in BACKBONE_NAMES, "model.backbone",
-          f"unknown backbone {cfg.model.backbone!r} (valid: {', '.join(BACKBONE_NAMES)})")
-    check(cfg.data.image_size >= 16, "data.image_size", f"must be >= 16 (e.g. 112, 64, 56), got {cfg.data.image_size}")
-    check(cfg.model.width_mult > 0, "model.width_mult", f"must be > 0, got {cfg.model.width_mult}")
-    check(cfg.model.embedding_size > 0, "model.embedding_size", "must be > 0")
-    check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
-    check(cfg.model.head in ("full", "sharded"), "model.head", f"must be 'full' or 'sharded', got {cfg.model.head!r}")
-    check(0 < cfg.model.head_sample_rate <= 1, "model.head_sample_rate",
-          f"must be in (0, 1], got {cfg.model.head_sample_rate}")
-    check(cfg.model.head_sample_rate == 1 or cfg.model.head == "sharded", "model.head_sample_rate",
-          "negative-centre sampling needs model.head: sharded")
-    loss = cfg.loss
-    check(loss.scale > 0, "loss.scale", f"must be > 0, got {loss.scale}")
-    check(loss.m1 > 0, "loss.m1", f"must be > 0, got {loss.m1}")
-    check(0 <= loss.m2 < math.pi / 2, "loss.m2", f"must be in [0, pi/2), got {loss.m2}")
-    check(0 <= loss.m3 < 1, "loss.m3", f"must be in [0, 1), got {loss.m3}")
-    check(loss.form in ("outside", "angular"), "loss.form", f"must be 'outside' or 'angular', got {loss.form!r}")
-    check(loss.focal_gamma >= 0, "loss.focal_gamma", "must be >= 0")
-    for kind in (1, 2, 3):
-        step = cfg.step(kind)
-        check(step.epochs >= 1, f"step{kind}.epochs", f"must be >= 1, got {step.epochs}")
-        check(step.batch_size >= 2, f"step{kind}.batch_size", f"must be >= 2, got {step.batch_size}")
-        check(step.lr > 0, f"step{kind}.lr", f"must be > 0, got {step.lr}")
-        check(step.warmup_epochs >= 0, f"step{kind}.warmup_epochs", "must be >= 0")
-    check(cfg.step3.init in ("scratch", "continue"), "step3.init",
-          f"must be 'scratch' or 'continue', got {cfg.step3.init!r}")
-    check(cfg.flow.loops >= 0, "flow.loops", f"must be >= 0, got {cfg.flow.loops}")
-    check(bool(cfg.flow.name) and "/" not in cfg.flow.name, "flow.name", "must be a non-empty name without '/'")
-    check(cfg.flow.max_failures >= 0, "flow.max_failures", "must be >= 0")
-    check(cfg.flow.checkpoints_to_keep >= 1, "flow.checkpoints_to_keep", "must be >= 1")
-    check(cfg.tracking.max_outage_s > 0, "tracking.max_outage_s", f"must be > 0, got {cfg.tracking.max_outage_s}")
-    check(cfg.scaling.num_workers >= 1, "scaling.num_workers", f"must be >= 1, got {cfg.scaling.num_workers}")
-    check(cfg.scaling.cpus_per_worker > 0, "scaling.cpus_per_worker", "must be > 0")
-    check(cfg.scaling.amp in ("none", "bf16", "fp16"), "scaling.amp",
-          f"must be none, bf16 or fp16, got {cfg.scaling.amp!r}")
-    check(not (cfg.scaling.amp == "fp16" and not cfg.scaling.use_gpu), "scaling.amp",
-          "fp16 autocast needs use_gpu: true (use bf16 on CPU)")
-    check(cfg.scaling.placement_strategy in PLACEMENT_STRATEGIES, "scaling.placement_strategy",
-          f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {cfg.scaling.placement_strategy!r}")
-    if cfg.data.train != "synthetic":
-        check(bool(cfg.data.val), "data.val", "a held-out dataset URI is required when data.train is a URI")
-    check(cfg.data.synthetic.num_identities >= 2, "data.synthetic.num_identities", "must be >= 2")
-    check(cfg.data.synthetic.train_per_identity >= 1, "data.synthetic.train_per_identity", "must be >= 1")

@@ -23,10 +23,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
-from evaluation.quality_assessment import AREA_RANGES, DEFAULT_FMRS, ERCResult
+from data import storage
+from data.pairs import IMAGES_DIR, pairs_from_dataset, read_pairs_dataset, read_pairs_table
+from data.pipeline import decode_image, normalise
+from data.shards import DatasetError, read_manifest, shard_uris
+from evaluation.baselines import (
+    feature_norm_quality,
+    laplacian_variance,
+    random_quality,
+    serfiq_quality,
+    stochastic_embed_fn_from_module,
+)
+from evaluation.plots import plot_erc, plot_quality_grid, plot_quality_histogram, plot_roc
+from evaluation.quality_assessment import (
+    AREA_RANGES,
+    DEFAULT_FMRS,
+    ERCResult,
+    erc_for_methods,
+    format_quality_table,
+    pair_quality,
+    quality_correlation,
+    yaleb_light_angle,
+)
+from evaluation.verification import Embedded, count_available_pairs, embed_images, make_pairs, verify_scores
+from flows.checkpoints import load_net_from
+from flows.tracking import check_reachable
 
 DEFAULT_IMAGE_SIZE = 112
 SERFIQ_PASSES = 10
@@ -46,12 +73,9 @@ def load_model(spec: str, image_size: int | None = None) -> tuple[torch.nn.Modul
     The input size is the model's own (`net.arch["input_size"]`); `image_size` must agree with it, and
     is only needed for a model that does not record it.
     """
-    from flows.checkpoints import load_net_from
 
     if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow
 
-        from flows.tracking import check_reachable
 
         try:  # one line now, instead of the MLflow client's minutes of retries
             check_reachable(mlflow.get_tracking_uri())
@@ -70,49 +94,11 @@ def load_model(spec: str, image_size: int | None = None) -> tuple[torch.nn.Modul
     return net.eval(), int(image_size or arch_size or DEFAULT_IMAGE_SIZE)
 
 
-@dataclass
-class Embedded:
-    embeddings: np.ndarray  # (N, E) flip-sum, L2-normalised: what verification compares
-    raw_embeddings: np.ndarray  # (N, E) of the image itself, unnormalised: the feature-norm baseline
-    quality: np.ndarray  # (N,) EQFace quality of the image itself
-
-
-@torch.no_grad()
-def embed_images(
-    net: torch.nn.Module, images: np.ndarray, batch_size: int = 64, progress: bool = True
-) -> Embedded:
-    """Run the model over float32 images (N, 3, H, W) in [-1, 1], in batches, with a progress bar.
-
-    Embedding = normalise(f(x) + f(hflip(x))) as in `evaluation.flip_sum_embeddings`; quality and the
-    raw embedding come from the unflipped image, as in the flow's validation.
-    """
-    from tqdm import tqdm
-
-    from evaluation.verification import check_finite, l2_normalize
-
-    net.eval()
-    flip_sum, raw, quality = [], [], []
-    for start in tqdm(
-        range(0, len(images), batch_size), desc="embedding", unit="batch", disable=not progress
-    ):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-        emb, q = net(x)
-        emb_flip, _ = net(torch.flip(x, dims=[-1]))
-        raw.append(emb.float().numpy())
-        flip_sum.append((emb + emb_flip).float().numpy())
-        quality.append(q.float().numpy().reshape(-1))
-    flip = np.concatenate(flip_sum)
-    check_finite(flip, "model embeddings")
-    return Embedded(l2_normalize(flip), np.concatenate(raw), np.concatenate(quality))
-
-
 def serfiq_scores(
     net: torch.nn.Module, images: np.ndarray, batch_size: int = 64, progress: bool = True
 ) -> np.ndarray:
     """SER-FIQ quality per image: embedding stability over SERFIQ_PASSES dropout subnetworks."""
-    from tqdm import tqdm
 
-    from evaluation.baselines import serfiq_quality, stochastic_embed_fn_from_module
 
     rate = None if any(m.p > 0 for m in net.modules() if isinstance(m, torch.nn.Dropout)) else SERFIQ_DROPOUT
     embed_fn = stochastic_embed_fn_from_module(net, p=rate)
@@ -146,45 +132,8 @@ class PairSet:
     pairs_dropped: int = 0  # pairs left out because they use an unreadable image
 
 
-def fold_accuracy(
-    scores: np.ndarray, is_same: np.ndarray, folds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy per given fold at the threshold best on the other folds: (accuracies, thresholds)."""
-    from evaluation.verification import best_accuracy_threshold
-
-    ids = np.unique(folds)
-    if ids.size < 2:
-        raise ValueError(f"folds: need at least 2 folds, got {ids.size}")
-    accs, thresholds = np.empty(ids.size), np.empty(ids.size)
-    for k, fold in enumerate(ids):
-        test = folds == fold
-        t, _ = best_accuracy_threshold(scores[~test], is_same[~test])
-        accs[k] = np.mean((scores[test] > t) == is_same[test])
-        thresholds[k] = t
-    return accs, thresholds
-
-
-def verification_metrics(scores: np.ndarray, is_same: np.ndarray, folds: np.ndarray | None) -> dict[str, Any]:
-    """`evaluation.verify_scores`, with the set's own folds when it has them (LFW pairs.txt)."""
-    from evaluation.verification import verify_scores
-
-    result = verify_scores(scores, is_same)
-    result["fold_protocol"] = "10 contiguous folds in pair order"
-    if folds is not None and np.unique(folds).size >= 2:
-        accs, thresholds = fold_accuracy(scores, is_same, np.asarray(folds))
-        result.update(
-            acc_mean=float(accs.mean()),
-            acc_std=float(accs.std()),
-            fold_accuracies=accs,
-            fold_thresholds=thresholds,
-            fold_protocol=f"the set's own {accs.size} folds",
-        )
-    return result
-
-
 def ground_truth(data: PairSet) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(name, values, image indices they cover): synthetic degradation, else the Yale B lighting angle."""
-    from evaluation.quality_assessment import yaleb_light_angle
 
     if data.degradation is not None:
         d = np.asarray(data.degradation, dtype=np.float64)
@@ -213,7 +162,6 @@ def per_image_qualities(
     progress: bool,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """EQFace quality and the baselines, per image, by method name; notes on baselines left out."""
-    from evaluation.baselines import feature_norm_quality, laplacian_variance, random_quality
 
     qualities = {
         "eqface": emb.quality,
@@ -239,12 +187,11 @@ def evaluate(
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, ERCResult], dict[str, Any]]:
     """Every number of the evaluation: (report, ERC curves by method, arrays for the plots)."""
-    from evaluation.quality_assessment import erc_for_methods, pair_quality, quality_correlation
 
     emb = embed_images(net, data.images, batch_size, progress)
     pairs, is_same = np.asarray(data.pairs, dtype=np.int64), np.asarray(data.is_same, dtype=bool)
     scores = np.einsum("ij,ij->i", emb.embeddings[pairs[:, 0]], emb.embeddings[pairs[:, 1]])
-    ver = verification_metrics(scores, is_same, data.folds)
+    ver = verify_scores(scores, is_same, folds=data.folds)
 
     qualities, notes = per_image_qualities(net, data, emb, serfiq, seed, batch_size, progress)
     curves = erc_for_methods(
@@ -337,7 +284,6 @@ def format_verification(report: Mapping[str, Any]) -> str:
 
 def format_erc(report: Mapping[str, Any]) -> str:
     """One table per threshold variant: ERC areas per method (lower is better)."""
-    from evaluation.quality_assessment import format_quality_table
 
     out = []
     for variant, what in (
@@ -422,7 +368,6 @@ def write_outputs(
     out: Path, report: dict[str, Any], curves: Mapping[str, ERCResult], arrays: Mapping[str, Any]
 ) -> dict[str, str]:
     """Plots and report.json into `out`; returns {what: path}."""
-    from evaluation.plots import plot_erc, plot_quality_grid, plot_quality_histogram, plot_roc
 
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -467,10 +412,7 @@ def write_outputs(
 
 def read_labels(uri: str) -> np.ndarray:
     """The label column of a shard dataset, in manifest order (without decoding any image)."""
-    import pyarrow.parquet as pq
 
-    from data import storage
-    from data.shards import shard_uris
 
     fs, _ = storage.resolve(uri)
     return np.concatenate(
@@ -486,11 +428,7 @@ def decode_rows_skipping_unreadable(uri: str, rows: np.ndarray, image_size: int)
 
     Returns {"rows": readable rows, "image", "label", "source", "degradation" (or None), "unreadable"}.
     """
-    import pyarrow.parquet as pq
 
-    from data import storage
-    from data.pipeline import decode_image, normalise
-    from data.shards import read_manifest, shard_uris
 
     manifest = read_manifest(uri)
     fs, _ = storage.resolve(uri)
@@ -566,10 +504,6 @@ def load_pair_set(args: argparse.Namespace, image_size: int) -> PairSet:
     Reads through data.pairs; when an image does not decode, reads again image by image, lists and skips
     the unreadable ones and the pairs that use them.
     """
-    from data import storage
-    from data.pairs import IMAGES_DIR, pairs_from_dataset, read_pairs_dataset, read_pairs_table
-    from data.shards import DatasetError
-    from evaluation.verification import count_available_pairs, make_pairs
 
     if args.pairs:
         description = f"pairs dataset {args.pairs}"
@@ -641,7 +575,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data.shards import DatasetError
 
     args = parse_args(argv)
     try:

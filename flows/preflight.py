@@ -8,7 +8,12 @@ GPUs, more CPUs than there are). Ray Train would wait for such resources forever
 
 from __future__ import annotations
 
+import ray
+from mlflow.tracking import MlflowClient
+
 from flows.config import Config, ConfigError
+from flows.steps import training_plan
+from infra.ray_private import max_resources_from_cluster_config
 
 # map_batches tasks ask for 1 CPU each: the training workers must leave at least that much for decoding.
 RAY_DATA_CPUS = 1.0
@@ -21,29 +26,20 @@ def check_data_fits(cfg: Config, num_classes: int, num_train: int) -> None:
     if cfg.model.head == "sharded" and n > num_classes:
         raise ConfigError(f"model.head: sharded over scaling.num_workers={n} needs at least {n} classes; the "
                           f"training set has {num_classes} (use fewer workers or model.head: full)")
-    kinds = (1, 2, 3) if cfg.flow.loops > 0 else (1, 2)
+    kinds = sorted({step.kind for step in training_plan(cfg.flow.loops)})
     for kind in kinds:
-        batch = cfg.step(kind).batch_size
+        batch = kind.settings(cfg).batch_size
         if batch * n > num_train:
-            raise ConfigError(f"step{kind}.batch_size: {batch} per worker x {n} workers = {batch * n} images per "
+            raise ConfigError(f"{kind.section}.batch_size: {batch} per worker x {n} workers = {batch * n} images per "
                               f"step, more than the {num_train} training images (an epoch would have no full "
                               f"batch)")
-
-
-def cluster_ceiling() -> dict[str, float] | None:
-    """What an autoscaler may grow the cluster to (Ray Train's own check uses the same); None without one."""
-    from ray._private.state import state
-
-    return state.get_max_resources_from_cluster_config()
 
 
 def check_cluster(cfg: Config) -> None:
     """After ray.init(): the cluster has (or its autoscaler can add) the workers' CPUs/GPUs plus a CPU for
     Ray Data. Without this, Ray Train retries placing the workers forever on a cluster that lacks them."""
-    import ray
-
     try:
-        ceiling = cluster_ceiling()
+        ceiling = max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - a private Ray API: without it, leave the decision to Ray Train
         return
     nodes = [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
@@ -121,16 +117,12 @@ def _place(strategy: str, free: list[list[float]], n: int, cpus: float, gpus: fl
 def report_skipped_rows(tally, step_name: str, run_id: str, tracking_uri: str) -> list[str]:
     """How many rows a step skipped (data.skip_corrupt=true): a line in the driver's log, and the metric
     `corrupt_images_skipped` (0 included) plus the first rows as a tag on the step's MLflow run."""
-    import ray
-
     rows: list[str] = ray.get(tally.skipped.remote())
     ray.kill(tally)
     if rows:
         print(f"[eqface] {step_name}: skipped {len(rows)} corrupt or wrong-size images (data.skip_corrupt=true), "
               f"first: {rows[0]}", flush=True)
     if run_id:
-        from mlflow.tracking import MlflowClient
-
         try:
             client = MlflowClient(tracking_uri)
             client.log_metric(run_id, "corrupt_images_skipped", len(rows))

@@ -26,6 +26,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from data import storage
+from data.shards import DatasetError, validate_dataset, write_dataset
+from evaluation.quality_assessment import yaleb_light_angle
+
 FACES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "faces"
 DEFAULT_OUT = "~/.cache/eqface/datasets/realfaces"
 LFW_CROP = 120
@@ -59,7 +63,6 @@ def split_people(faces: Path, val_people: int) -> tuple[list[Path], list[Path]]:
 
 def _rows(items: list[tuple[str, Path, bool]], identities: list[str], with_light: bool) -> Iterator[dict]:
     """Shard rows for (identity, file, is_lfw) items; labels follow `identities`."""
-    from evaluation.quality_assessment import yaleb_light_angle
 
     label_of = {name: i for i, name in enumerate(identities)}
     for identity, path, is_lfw in items:
@@ -84,8 +87,6 @@ def build(
     out: str, faces: Path = FACES, val_people: int = 6, overwrite: bool = False, seed: int = 0
 ) -> dict[str, str]:
     """Write out/train and out/val (rows in a seeded shuffled order, not by person); returns their URIs."""
-    from data import storage
-    from data.shards import write_dataset
 
     train_people, held_out = split_people(faces, val_people)
     lfw_people = sorted(p for p in (faces / "lfw10").iterdir() if p.is_dir())
@@ -117,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing datasets")
     args = parser.parse_args(argv)
 
-    from data.shards import DatasetError, validate_dataset
 
     if not (args.faces / "yaleb").is_dir() or not (args.faces / "lfw10").is_dir():
         print(f"realfaces: error: {args.faces} has no yaleb/ and lfw10/ folders", file=sys.stderr)

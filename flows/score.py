@@ -22,9 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
-from data.pipeline import to_rgb  # noqa: F401 - shared with training's decoding; importable from here
+from data.pipeline import (
+    normalise,
+    to_rgb,  # noqa: F401 - shared with training's decoding; importable from here
+)
+from evaluation.verification import embed_images
+from flows.evaluate import ModelLoadError, load_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 # Larger images are refused as possible decompression bombs (a face crop is rarely over 4k x 4k).
@@ -108,10 +116,7 @@ def score_folder(
 
     Memory holds one batch of pixels plus the embeddings, whatever the folder's size.
     """
-    from tqdm import tqdm
 
-    from data.pipeline import normalise
-    from flows.evaluate import embed_images
 
     paths, sizes, unreadable = [], [], []
     embeddings, raw_norms, quality = [], [], []
@@ -167,8 +172,6 @@ def write_scores(scored: ScoredImages, out: Path, min_quality: float | None) -> 
     if min_quality is not None:
         columns["rejected"] = (scored.quality < min_quality).tolist()
     if out.suffix.lower() == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         table = pa.table(
             {
@@ -311,7 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--out {args.out}: must end in .parquet or .csv")
     if args.min_quality is not None and not 0.0 <= args.min_quality <= 1.0:
         return fail(f"--min-quality {args.min_quality}: must be in [0, 1]")
-    from flows.evaluate import ModelLoadError, load_model
 
     try:
         net, image_size = load_model(args.model, args.image_size)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from flows.eqface import parse_args
@@ -14,8 +13,8 @@ from flows.tracking import TAG_FINAL_MODEL, FlowTracker
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
-    tracker = FlowTracker(cfg, uri)
+    tracker = FlowTracker(cfg)
+    uri = tracker.uri
     run = tracker.find_flow()
     if run is None:
         print(f"no flow named '{cfg.flow.name}' in experiment '{cfg.tracking.experiment}' at {uri}", file=sys.stderr)

@@ -18,10 +18,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import mlflow.pytorch
+import requests
+import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.config import Config, ConfigError
+from flows.steps import PlannedStep, StepKind
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +95,6 @@ def _one_attempt(timeout_s: float | None = 30.0):
 def transient(exc: BaseException) -> bool:
     """Worth retrying: the server unreachable, timing out or answering 5xx. A 4xx (bad request, no such
     run) is an answer, not an outage."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500
     if isinstance(exc, requests.HTTPError):
@@ -139,18 +142,28 @@ class StepRun:
     checkpoint_uri: str | None
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment `name`, created if it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    """Every param of a run, in batches of 100 (the most MLflow takes at once)."""
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
 class FlowTracker:
     """The driver's view of the flow's runs."""
 
-    def __init__(self, cfg: Config, uri: str) -> None:
-        check_reachable(uri)
-        self.cfg, self.uri = cfg, uri
+    def __init__(self, cfg: Config) -> None:
+        self.cfg, self.uri = cfg, cfg.tracking.resolved_uri()
+        check_reachable(self.uri)
         self.max_outage_s = cfg.tracking.max_outage_s
-        self.client = MlflowClient(uri)
-        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        self.experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
-        )
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = experiment_id(self.client, cfg.tracking.experiment)
         self.parent_id: str | None = None
 
     # -- the parent run ---------------------------------------------------------------------------
@@ -193,20 +206,18 @@ class FlowTracker:
             )
 
     def _log_params(self, run_id: str) -> None:
-        params = [Param(k, str(v)) for k, v in self.cfg.flat().items()]
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run_id, params=params[start:start + 100])
+        log_params(self.client, run_id, self.cfg.flat())
 
     def _call(self, what: str, fn, *args, timeout_s: float | None = 30.0, **kwargs):
         """fn(*args, **kwargs) against MLflow, riding out an outage of up to tracking.max_outage_s."""
         return call_with_retries(what, lambda: fn(*args, **kwargs), self.uri, self.max_outage_s, timeout_s)
 
     # -- child runs -------------------------------------------------------------------------------
-    def step_run(self, index: int, kind: int, loop: int) -> StepRun:
+    def step_run(self, step: PlannedStep) -> StepRun:
         # Retried as a whole: a run whose creation answer was lost in an outage is found by the next search.
-        return self._call(f"starting the run of step {index}", self._step_run, index, kind, loop)
+        return self._call(f"starting the run of step {step.index}", self._step_run, step.index, step.kind, step.loop)
 
-    def _step_run(self, index: int, kind: int, loop: int) -> StepRun:
+    def _step_run(self, index: int, kind: StepKind, loop: int) -> StepRun:
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT}` = '{self.parent_id}' and tags.`{TAG_INDEX}` = '{index}'",
@@ -233,7 +244,7 @@ class FlowTracker:
         what = f"completing the step run {run_id}"
         now = int(time.time() * 1000)  # fixed before any retry: a re-sent metric is the same row, not a new one
         run = self._call(what, self.client.get_run, run_id)
-        final_step = self.cfg.step(int(run.data.tags[TAG_KIND])).epochs
+        final_step = StepKind(int(run.data.tags[TAG_KIND])).settings(self.cfg).epochs
         self._call(what, self.client.log_batch, run_id, metrics=[
             Metric(k, float(v), now, final_step) for k, v in metrics.items() if v == v  # NaN: not logged
         ])
@@ -276,10 +287,6 @@ class FlowTracker:
     # -- the end of the flow ----------------------------------------------------------------------
     def log_final_model(self, net, metrics: dict[str, float]) -> str:
         """The final EQFaceNet as an MLflow model on the parent run: loads with mlflow.pytorch.load_model."""
-        import mlflow
-        import mlflow.pytorch
-        import torch
-
         def log_model():
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=self.parent_id):
@@ -321,6 +328,20 @@ class EpochLogger:
         self.client, self.uri, self.run_id, self.max_outage_s = MlflowClient(uri), uri, run_id, max_outage_s
         self.pending: list[tuple[int, dict[str, float]]] = []  # (timestamp ms, metrics with "epoch")
         self.down_since: float | None = None  # monotonic time of the current outage's first failed send
+
+    def epochs_logged_after(self, epoch: int) -> set[int]:
+        """Epochs past this attempt's starting checkpoint that MLflow already has.
+
+        A worker killed after it reported and logged an epoch, but before Ray Train's controller registered that
+        epoch's checkpoint, restarts from the checkpoint before: the epoch is trained again but logged only once
+        (MLflow keeps the first attempt's figures). One quick try: training does not wait for MLflow.
+        """
+        try:
+            history = call_with_retries("reading the step's metric history",
+                                        lambda: self.client.get_metric_history(self.run_id, "loss"), self.uri, 0.0)
+        except Exception:  # noqa: BLE001 - unreachable now: at worst an epoch is logged twice
+            return set()
+        return {m.step for m in history if m.step > epoch}
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a restart from a checkpoint: send the checkpointed epochs MLflow does not have yet."""

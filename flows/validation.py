@@ -14,25 +14,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from evaluation import error_versus_discard, flip_sum_embeddings, make_pairs, pair_quality, verify
+from data.pipeline import load_arrays
+from evaluation import error_versus_discard, make_pairs, pair_quality, verify
 from evaluation.baselines import laplacian_variance, random_quality
 from evaluation.plots import plot_erc, plot_quality_grid, plot_quality_histogram
 from evaluation.quality_assessment import quality_correlation
-from evaluation.verification import count_available_pairs
+from evaluation.verification import count_available_pairs, embed_images, image_quality
+from flows import checkpoints
 
 MAX_PAIRS_PER_KIND = 3000
-
-
-@torch.no_grad()
-def embed(net: torch.nn.Module, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(flip-sum normalised embeddings, quality) for float images (N, 3, H, W) in [-1, 1]."""
-    net.eval()
-    qualities = []
-    for start in range(0, len(images), batch_size):
-        _, q = net(torch.from_numpy(images[start:start + batch_size]))
-        qualities.append(q.float().numpy())
-    emb = flip_sum_embeddings(lambda x: net(torch.as_tensor(x))[0].float().numpy(), images, batch_size=batch_size)
-    return np.asarray(emb), np.concatenate(qualities)
 
 
 def validation_metrics(
@@ -40,7 +30,8 @@ def validation_metrics(
     artifacts: bool = True,
 ) -> tuple[dict[str, float], dict[str, bytes]]:
     """Metrics and PNG artifacts for one step. `quality_net` is None where the step has no quality branch."""
-    emb, _ = embed(embed_net, val["image"])
+    embed_net.eval()
+    emb = embed_images(embed_net, val["image"], batch_size=256).embeddings
     labels = val["label"]
     genuine_avail, impostor_avail = count_available_pairs(labels)
     n = min(MAX_PAIRS_PER_KIND, genuine_avail, impostor_avail)
@@ -55,7 +46,7 @@ def validation_metrics(
     if quality_net is None:
         return metrics, plots
 
-    _, quality = embed(quality_net, val["image"])
+    quality = image_quality(quality_net.eval(), val["image"], batch_size=256)
     metrics.update({
         "val_quality_mean": float(quality.mean()), "val_quality_std": float(quality.std()),
     })
@@ -88,9 +79,6 @@ def _finite_or_nan(value: Any) -> float:
 def validate_checkpoints(embed_ckpt, quality_ckpt, val_uri: str, image_size: int, seed: int,
                          limit: int | None = None) -> tuple[dict[str, float], dict[str, bytes]]:
     """Load the step's networks and the held-out set, then `validation_metrics` (runs as a Ray task)."""
-    from data.pipeline import load_arrays
-    from flows import checkpoints
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     val = load_arrays(val_uri, image_size=image_size, limit=limit)
     embed_net = checkpoints.load_net(embed_ckpt)

@@ -32,6 +32,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import boto3
+
 HOST = "127.0.0.1"
 # Fake, well-known credentials for the local S3-compatible server only (moto accepts any).
 LOCAL_S3_KEY_ID = "eqface-local-key"
@@ -274,7 +276,6 @@ class Stack:
         return svc
 
     def _create_buckets(self, port: int, buckets: tuple[str, ...]) -> None:
-        import boto3
 
         s3 = boto3.client(
             "s3", endpoint_url=f"http://{HOST}:{port}", region_name="us-east-1",

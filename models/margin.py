@@ -34,17 +34,34 @@ class MarginOutput(NamedTuple):
     cos: torch.Tensor  # (B, C) cos(theta_j) before any margin, detached
 
 
-def check_margins(m1: float, m2: float, m3: float, form: str = "outside", scale: float | None = None) -> None:
+def margin_problems(
+    scale: float, m1: float, m2: float, m3: float, form: str = "outside", focal_gamma: float = 0.0
+) -> list[tuple[str, str]]:
+    """(argument, what is wrong) for every out-of-range margin setting: the one rule that the heads and the
+    flow's config (`loss.*`) both apply."""
+    problems = []
+    if not scale > 0:
+        problems.append(("scale", f"must be > 0, got {scale}"))
     if not m1 > 0:
-        raise ValueError(f"m1 must be > 0, got m1={m1}")
+        problems.append(("m1", f"must be > 0, got {m1}"))
     if not 0 <= m2 < math.pi / 2:
-        raise ValueError(f"m2 must be in [0, pi/2), got m2={m2}")
+        problems.append(("m2", f"must be in [0, pi/2), got {m2}"))
     if not 0 <= m3 < 1:
-        raise ValueError(f"m3 must be in [0, 1), got m3={m3}")
+        problems.append(("m3", f"must be in [0, 1), got {m3}"))
     if form not in MARGIN_FORMS:
-        raise ValueError(f"form must be one of {MARGIN_FORMS}, got form={form!r}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be > 0, got scale={scale}")
+        problems.append(("form", f"must be 'outside' or 'angular', got {form!r}"))
+    if not focal_gamma >= 0:
+        problems.append(("focal_gamma", f"must be >= 0, got {focal_gamma}"))
+    return problems
+
+
+def check_margins(
+    scale: float, m1: float, m2: float, m3: float, form: str = "outside", focal_gamma: float = 0.0
+) -> None:
+    problems = margin_problems(scale, m1, m2, m3, form, focal_gamma)
+    if problems:
+        name, problem = problems[0]
+        raise ValueError(f"{name}: {problem}")
 
 
 def margin_target(
@@ -135,7 +152,12 @@ def quality_scaled_cross_entropy(
 
 
 class MarginHead(nn.Module):
-    """Class centres + combined-margin CE. forward(emb, labels, quality=None) -> MarginOutput."""
+    """Class centres + combined-margin CE. forward(emb, labels, quality=None) -> MarginOutput.
+
+    What a training loop needs beyond forward, the same for this head and the sharded one
+    (models.partial_fc.ShardedMarginHead): `class_range`, `saved_by(rank)`, `rank_local_parameters()`,
+    `top1_hits(cos, labels)`.
+    """
 
     def __init__(
         self,
@@ -150,13 +172,11 @@ class MarginHead(nn.Module):
         focal_gamma: float = 0.0,
     ) -> None:
         super().__init__()
-        check_margins(m1, m2, m3, form, scale)
+        check_margins(scale, m1, m2, m3, form, focal_gamma)
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(
                 f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
             )
-        if focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got focal_gamma={focal_gamma}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.scale, self.m1, self.m2, self.m3, self.form = scale, m1, m2, m3, form
         self.focal_gamma = focal_gamma
@@ -167,6 +187,23 @@ class MarginHead(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}, "
             f"m1={self.m1}, m2={self.m2}, m3={self.m3}, form={self.form!r}, focal_gamma={self.focal_gamma}"
         )
+
+    @property
+    def class_range(self) -> tuple[int, int]:
+        """[start, end) of the classes whose centres this process holds: all of them."""
+        return 0, self.num_classes
+
+    def saved_by(self, rank: int) -> bool:
+        """Whether `rank` writes this head's centres into a checkpoint: every rank holds the same, so rank 0."""
+        return rank == 0
+
+    def rank_local_parameters(self) -> list[str]:
+        """Parameters that differ between ranks (DDP must neither broadcast nor average them): none."""
+        return []
+
+    def top1_hits(self, cos: torch.Tensor, labels: torch.Tensor) -> int:
+        """How many of the batch's samples have their own class as the nearest centre."""
+        return int((cos.argmax(dim=1) == labels).sum())
 
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None

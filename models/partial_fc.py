@@ -151,9 +151,7 @@ class ShardedMarginHead(nn.Module):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        check_margins(m1, m2, m3, form, scale)
-        if focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got focal_gamma={focal_gamma}")
+        check_margins(scale, m1, m2, m3, form, focal_gamma)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate}")
         initialized = dist.is_available() and dist.is_initialized()
@@ -181,6 +179,35 @@ class ShardedMarginHead(nn.Module):
             f"m3={self.m3}, form={self.form!r}, sample_rate={self.sample_rate}, "
             f"rank={self.rank}/{self.world_size}"
         )
+
+    @property
+    def class_range(self) -> tuple[int, int]:
+        """[start, end) of the classes whose centres this rank holds."""
+        return self.class_start, self.class_end
+
+    def saved_by(self, rank: int) -> bool:
+        """Every rank writes its own shard of the centres into a checkpoint."""
+        return True
+
+    def rank_local_parameters(self) -> list[str]:
+        """Each rank owns different centres: DDP must neither broadcast nor average them."""
+        return [name for name, _ in self.named_parameters()]
+
+    def top1_hits(self, cos: torch.Tensor, labels: torch.Tensor) -> int:
+        """Top-1 hits among this rank's samples. `cos` (from the last forward) covers the gathered batch but only
+        this rank's (sampled) centres, so the best class is found across ranks first."""
+        values, columns = cos.max(dim=1)
+        ids = self.last_class_ids[columns]
+        if self.world_size > 1:
+            all_values = [torch.empty_like(values) for _ in range(self.world_size)]
+            all_ids = [torch.empty_like(ids) for _ in range(self.world_size)]
+            dist.all_gather(all_values, values, group=self.group)
+            dist.all_gather(all_ids, ids, group=self.group)
+            best = torch.stack(all_values).argmax(dim=0, keepdim=True)
+            ids = torch.stack(all_ids).gather(0, best)[0]
+            n = labels.numel()  # equal per rank: batches are dropped to full size
+            ids = ids[self.rank * n:(self.rank + 1) * n]
+        return int((ids == labels).sum())
 
     def _sample_centres(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Columns to keep this step (None = all) and the labels remapped to those columns."""
@@ -249,15 +276,9 @@ class ShardedMarginHead(nn.Module):
         return MarginOutput(loss, cos.detach())
 
 
-def _owned_range(head: MarginHead | ShardedMarginHead) -> tuple[int, int]:
-    if isinstance(head, ShardedMarginHead):
-        return head.class_start, head.class_end
-    return 0, head.num_classes
-
-
 def save_sharded_centres(head: MarginHead | ShardedMarginHead, directory: str | os.PathLike) -> Path:
     """Write this head's centres as `directory/centres_<start>_<end>.pt`; call on every rank."""
-    start, end = _owned_range(head)
+    start, end = head.class_range
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"centres_{start:09d}_{end:09d}.pt"
@@ -313,7 +334,7 @@ def load_sharded_centres(head: MarginHead | ShardedMarginHead, directory: str | 
     directory = Path(directory)
     shards = _shard_files(directory)
     _check_tiling(directory, shards)
-    want_start, want_end = _owned_range(head)
+    want_start, want_end = head.class_range
     total = shards[-1][1]
     if total != head.num_classes:
         raise ValueError(f"{directory}: shards hold {total} classes, the head has {head.num_classes}")

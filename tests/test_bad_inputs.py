@@ -29,9 +29,10 @@ from PIL import Image
 
 from data.pipeline import decode_image, load_arrays
 from data.shards import DatasetError, read_manifest, validate_dataset, write_dataset
-from flows.config import ConfigError, load_config
+from flows.config import ConfigError, load_config, with_overrides
 from flows.eqface import DEFAULT_CONFIG, training_plan
 from flows.preflight import check_data_fits, check_resources
+from flows.steps import PlannedStep
 from infra.stack import free_port
 from tests.conftest import ROOT, submit_flow
 
@@ -368,9 +369,9 @@ def test_resume_whose_checkpoint_is_gone_names_the_step_and_keeps_the_runs(stack
     uri = stack.env()["MLFLOW_TRACKING_URI"]
     # A flow whose step 0 finished earlier, its checkpoint since deleted (storage cleaned up by hand).
     cfg = load_config([ROOT / "configs/default.yaml", TINY], [a for a in args if "=" in a])
-    tracker = FlowTracker(cfg, uri)
+    tracker = FlowTracker(with_overrides(cfg, {"tracking.uri": uri}))
     parent_id, _ = tracker.start_flow()
-    step0 = tracker.step_run(0, 1, 0)
+    step0 = tracker.step_run(PlannedStep(0, 1, 0))
     gone = data_root / "runs" / "deleted-checkpoint"
     tracker.complete_step(step0.run_id, str(gone), {"val_acc": 0.5}, {})
     tracker.client.set_terminated(parent_id, "FAILED")

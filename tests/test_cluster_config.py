@@ -27,6 +27,8 @@ import jsonschema
 import pytest
 import yaml
 
+from infra.ray_private import create_package, prepare_config, validate_config
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "ray_cluster.yaml"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
@@ -77,8 +79,6 @@ def test_schema_check_catches_a_misspelt_key(cluster):
 
 
 def test_ray_prepare_and_validate_config_accept_it(cluster):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     prepared = prepare_config(copy.deepcopy(cluster))  # merges Ray's AWS defaults, as `ray up` does
     validate_config(prepared)
     assert prepared["head_node_type"] == "head.cpu"
@@ -209,8 +209,6 @@ def test_setup_commands_fetch_the_ray_token_from_secrets_manager(cluster, tmp_pa
 
 
 def _packed(directory: Path, excludes: list[str], out: Path) -> set[str]:
-    from ray._private.runtime_env.packaging import create_package  # what `ray job submit --working-dir` runs
-
     create_package(str(directory), out, include_gitignore=True, excludes=excludes)
     return set(zipfile.ZipFile(out).namelist())
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.config import Config, ConfigError, config_from_dict, load_config
+from flows.config import Config, ConfigError, config_from_dict, flatten, load_config
 from flows.eqface import training_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +17,9 @@ DEFAULT = ROOT / "configs" / "default.yaml"
 def test_default_yaml_spells_out_the_dataclass_defaults():
     assert load_config([DEFAULT]) == Config()
     assert set(yaml.safe_load(DEFAULT.read_text())) == set(Config().to_dict())
+    # Every key, at every depth, with the dataclass default's value: the YAML cannot drift from the code.
+    written = flatten(yaml.safe_load(DEFAULT.read_text()))
+    assert written == Config().flat()
 
 
 def test_overlays_and_overrides_apply_in_order(tmp_path):

@@ -10,6 +10,7 @@ from data.pairs import write_pairs_dataset
 from data.shards import write_dataset
 from data.synthetic import SyntheticSpec, generate_rows, identity_name
 from evaluation import flip_sum_embeddings, make_pairs, quality_correlation, verify, yaleb_light_angle
+from evaluation.verification import kfold_accuracy
 from flows import evaluate
 from models import load_eqface_net
 from tests.tiny_model import tiny_model
@@ -149,11 +150,11 @@ def test_pairs_mode_uses_the_sets_folds_skips_unreadable_images_and_adds_serfiq(
 def test_fold_accuracy_uses_the_given_folds():
     scores = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3])
     is_same = np.array([True, True, False, False, True, False])
-    accs, thresholds = evaluate.fold_accuracy(scores, is_same, np.array([0, 0, 0, 1, 1, 1]))
+    accs, thresholds = kfold_accuracy(scores, is_same, folds=np.array([0, 0, 0, 1, 1, 1]))
     assert accs.tolist() == [1.0, 1.0] and thresholds.shape == (2,)
     # Fold 1 alone puts the threshold between 0.3 and 0.7, so fold 0's genuine 0.25 is rejected.
-    accs, _ = evaluate.fold_accuracy(
-        np.array([0.9, 0.25, 0.1, 0.2, 0.7, 0.3]), is_same, np.array([0, 0, 0, 1, 1, 1])
+    accs, _ = kfold_accuracy(
+        np.array([0.9, 0.25, 0.1, 0.2, 0.7, 0.3]), is_same, folds=np.array([0, 0, 0, 1, 1, 1])
     )
     assert accs[0] == pytest.approx(2 / 3)
 

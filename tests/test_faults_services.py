@@ -24,7 +24,9 @@ from mlflow.tracking import MlflowClient
 import infra.stack
 from flows import checkpoints
 from flows.config import load_config
-from flows.eqface import DEFAULT_CONFIG, PlannedStep, prepare_datasets, run_step
+from flows.eqface import DEFAULT_CONFIG
+from flows.runner import prepare_datasets, run_step
+from flows.steps import PlannedStep, StepSpec
 from flows.tracking import (
     TAG_CHECKPOINT,
     TAG_COMPLETE,
@@ -101,7 +103,7 @@ def down_for(stack: Stack, seconds: float) -> dict[str, float]:
 def tracker_for(stack: Stack, limit_s: float) -> FlowTracker:
     cfg = load_config([DEFAULT_CONFIG, TINY], [f"flow.name=t-{uuid.uuid4().hex[:6]}", f"tracking.uri={uri_of(stack)}",
                                                f"tracking.experiment={EXPERIMENT}", f"tracking.max_outage_s={limit_s}"])
-    tracker = FlowTracker(cfg, uri_of(stack))
+    tracker = FlowTracker(cfg)
     tracker.start_flow()
     return tracker
 
@@ -110,7 +112,7 @@ def test_step_completion_waits_out_an_outage_up_to_the_limit(mlflow_server):
     """The driver's end of a step (metrics, plots, tags, termination) during one outage: with a 3 s limit it
     gives up with a clear error; with 90 s it waits until the server is back, then completes the run."""
     short, patient = tracker_for(mlflow_server, limit_s=3), tracker_for(mlflow_server, limit_s=90)
-    short_run, run = short.step_run(0, 1, 0), patient.step_run(0, 1, 0)
+    short_run, run = short.step_run(PlannedStep(0, 1, 0)), patient.step_run(PlannedStep(0, 1, 0))
     port = stop_mlflow(mlflow_server)
     down = time.time()
     try:
@@ -146,7 +148,7 @@ def test_step_completion_waits_out_an_outage_up_to_the_limit(mlflow_server):
     assert finished.data.tags[TAG_COMPLETE] == "true" and finished.data.tags[TAG_CHECKPOINT] == "/ckpt/0"
     assert [m.value for m in client.get_metric_history(run.run_id, "val_acc")] == [0.75]
     assert [a.path for a in client.list_artifacts(run.run_id, "plots")] == ["plots/hist.png"]
-    assert patient.step_run(1, 2, 0).run_id != run.run_id  # the next step's run, after the outage
+    assert patient.step_run(PlannedStep(1, 2, 0)).run_id != run.run_id  # the next step's run, after the outage
 
 
 def start_flow(stack: Stack, work: Path, name: str, overrides: list[str]) -> subprocess.Popen:
@@ -364,7 +366,7 @@ def test_step_rides_out_s3_resets_and_refusals(s3_behind_proxy):
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
     started = time.time()
-    ckpt = run_step(cfg, PlannedStep(0, 1, 0), data, "", "", None, None, name)
+    ckpt = run_step(cfg, StepSpec(PlannedStep(0, 1, 0), data.num_classes), data, name)
     ended = time.time()
     thread.join(timeout=30)
 
@@ -412,7 +414,7 @@ def test_dataset_reads_ride_out_s3_resets_and_refusals(s3_behind_proxy):
 
 
 def test_partial_checkpoints_on_s3_are_refused(s3_behind_proxy, tmp_path):
-    from flows.train_step import build_net_and_head
+    from flows.step_model import build_net_and_head
 
     s3 = s3_behind_proxy["s3"]
     cfg = load_config([DEFAULT_CONFIG, TINY], [])
@@ -449,7 +451,7 @@ def test_partial_checkpoints_on_s3_are_refused(s3_behind_proxy, tmp_path):
 
 def test_a_checkpoint_file_cut_short_is_refused(tmp_path):
     """A local checkpoint copied by halves (the copy interrupted mid-file) is named, not loaded."""
-    from flows.train_step import build_net_and_head
+    from flows.step_model import build_net_and_head
 
     net, head = build_net_and_head(load_config([DEFAULT_CONFIG, TINY], []), 12)
     ckpt = tmp_path / "ckpt"

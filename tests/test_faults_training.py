@@ -28,7 +28,9 @@ from mlflow.tracking import MlflowClient
 
 from flows import checkpoints
 from flows.config import load_config
-from flows.eqface import DEFAULT_CONFIG, PlannedStep, prepare_datasets, run_step, train_run_lease
+from flows.eqface import DEFAULT_CONFIG
+from flows.runner import prepare_datasets, run_step, train_run_lease
+from flows.steps import PlannedStep, StepSpec
 from flows.tracking import PARENT, TAG_FINAL_MODEL, TAG_FLOW, TAG_INDEX, TAG_LAST_GOOD
 from tests.conftest import ROOT, submit_flow
 
@@ -219,7 +221,7 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(stack, tmp
         killer = WorkerKiller(tmp_path / "runs" / "faulty", raylets)
         killer.start()
         started = time.monotonic()
-        faulty = run_step(cfg, step, data, faulty_run, uri, None, None, "faulty")
+        faulty = run_step(cfg, StepSpec(step, data.num_classes, faulty_run, uri), data, "faulty")
         faulty_s = time.monotonic() - started
         killer.join(timeout=60)
         if killer.error:
@@ -227,7 +229,7 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_weights(stack, tmp
 
         reference_run = client.create_run(experiment.experiment_id, run_name="no-fault").info.run_id
         started = time.monotonic()
-        reference = run_step(cfg, step, data, reference_run, uri, None, None, "reference")
+        reference = run_step(cfg, StepSpec(step, data.num_classes, reference_run, uri), data, "reference")
         reference_s = time.monotonic() - started
 
         # A second driver cannot take a Ray Train run name that a live driver holds.

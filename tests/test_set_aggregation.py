@@ -137,33 +137,30 @@ def test_online_sweep_trades_frames_for_accuracy_and_beats_the_window_at_most_po
     assert "the online aggregator needs fewer frames than the window at" in format_results("t", res)
 
 
-def test_tiny_model_training_runs_step_1_then_step_2_on_the_right_parts():
+@pytest.mark.integration
+def test_tiny_model_training_runs_step_1_then_step_2_on_the_right_parts(tmp_path):
+    """The benchmark's own model comes from the flow's step runner: step 1 moves the backbone and not the
+    quality branch; step 2 moves the quality branch only, the class centres stay."""
     import torch
 
-    from benchmarks.set_aggregation import synthetic_training_set, train_backbone, train_quality
-    from models import MarginHead, build_eqface_net
+    from benchmarks.set_aggregation import train_tiny_model
+    from flows import checkpoints
+    from models import build_eqface_net
+    from models.partial_fc import assemble_centres
 
-    torch.manual_seed(0)
-    images, labels = synthetic_training_set(4, 8, image_size=16, seed=0)
-    assert images.shape == (32, 3, 16, 16) and sorted(set(labels.tolist())) == [0, 1, 2, 3]
-    net = build_eqface_net(
-        backbone="mobilefacenet", input_size=16, width_mult=0.25, embedding_size=16, quality_hidden=8
-    )
-    head = MarginHead(4, 16, scale=32.0, m2=0.3)
+    net, step1, step2 = train_tiny_model(tmp_path, image_size=16, num_identities=4, per_identity=8, epochs=1,
+                                         quality_epochs=2)
 
-    def snapshot(module):
-        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    def snapshot(checkpoint):
+        return {k: v.detach().clone() for k, v in checkpoints.load_net(checkpoint).state_dict().items()}
 
-    start = snapshot(net)
-    train_backbone(net, head, images, labels, epochs=1, batch_size=8, log=lambda _: None)
-    after_1 = snapshot(net)
+    after_1, after_2 = snapshot(step1), snapshot(step2)
+    torch.manual_seed(0)  # step 1's fresh network, as the step builds it: seeded with flow.seed + 1000 * index
+    start = build_eqface_net(**net.arch).state_dict()
     assert not torch.equal(start["backbone.fc.weight"], after_1["backbone.fc.weight"])
     assert all(torch.equal(start[k], after_1[k]) for k in start if k.startswith("quality."))
-    centres = head.weight.detach().clone()
-
-    train_quality(net, head, images, labels, epochs=2, batch_size=8, log=lambda _: None)
-    after_2 = snapshot(net)
     assert not torch.equal(after_1["quality.fc1.weight"], after_2["quality.fc1.weight"])
-    assert all(torch.equal(after_1[k], after_2[k]) for k in start if k.startswith("backbone."))
-    assert torch.equal(centres, head.weight)
+    assert all(torch.equal(after_1[k], after_2[k]) for k in after_1 if k.startswith("backbone."))
+    with step1.as_directory() as d1, step2.as_directory() as d2:
+        assert torch.equal(assemble_centres(d1), assemble_centres(d2))
     assert not net.training

@@ -15,7 +15,9 @@ import torch
 
 from flows import checkpoints
 from flows.config import load_config
-from flows.eqface import DEFAULT_CONFIG, PlannedStep, prepare_datasets, run_step
+from flows.eqface import DEFAULT_CONFIG
+from flows.runner import prepare_datasets, run_step
+from flows.steps import PlannedStep, StepSpec
 from models.partial_fc import assemble_centres
 
 pytestmark = pytest.mark.integration
@@ -49,17 +51,19 @@ def test_sharded_checkpoints_move_between_worker_counts(local_ray, tmp_path):
             f"scaling.num_workers={workers}", "step1.epochs=1", "flow.max_failures=0"])
 
     data = prepare_datasets(config(2))
-    step1 = run_step(config(2), PlannedStep(0, 1, 0), data, "", "", None, None, "sharded-s1")
+    step1 = run_step(config(2), StepSpec(PlannedStep(0, 1, 0), data.num_classes), data, "sharded-s1")
     assert _centre_files(step1) == [(0, 6), (6, 12)]
 
-    step2 = run_step(config(1), PlannedStep(1, 2, 0), data, "", "", step1, None, "sharded-s2")
+    step2 = run_step(config(1), StepSpec(PlannedStep(1, 2, 0), data.num_classes, init_checkpoint=step1), data,
+                     "sharded-s2")
     assert _centre_files(step2) == [(0, 12)]
     centres1, backbone1 = _centres_and_backbone(step1)
     centres2, backbone2 = _centres_and_backbone(step2)
     assert torch.equal(centres1, centres2)  # resharded 2 -> 1 exactly; step 2 keeps centres fixed
     assert all(torch.equal(backbone1[k], backbone2[k]) for k in backbone1)
 
-    step3 = run_step(config(2), PlannedStep(2, 3, 0), data, "", "", step2, step2, "sharded-s3")
+    step3 = run_step(config(2), StepSpec(PlannedStep(2, 3, 0), data.num_classes, init_checkpoint=step2,
+                                         teacher_checkpoint=step2), data, "sharded-s3")
     assert _centre_files(step3) == [(0, 6), (6, 12)]
     centres3, _ = _centres_and_backbone(step3)
     assert centres3.shape == centres1.shape and not torch.equal(centres3, centres2)  # 1 -> 2, then trained
@@ -75,10 +79,10 @@ def test_an_interrupted_step_resumes_from_its_last_checkpoint(local_ray, tmp_pat
             f"step1.epochs={epochs}", "flow.max_failures=0"])
 
     data = prepare_datasets(config(1))
-    first = run_step(config(1), PlannedStep(0, 1, 0), data, "", "", None, None, "resume-me")
+    first = run_step(config(1), StepSpec(PlannedStep(0, 1, 0), data.num_classes), data, "resume-me")
     history1 = checkpoints.load_state(first)["history"]
     # The "interrupted" run had done 1 of 2 epochs; the same run name picks it up at epoch 2.
-    second = run_step(config(2), PlannedStep(0, 1, 0), data, "", "", None, None, "resume-me")
+    second = run_step(config(2), StepSpec(PlannedStep(0, 1, 0), data.num_classes), data, "resume-me")
     history2 = checkpoints.load_state(second)["history"]
     assert [h["epoch"] for h in history2] == [1, 2]
     assert history2[0] == history1[0]  # epoch 1 was not re-run
@@ -95,7 +99,7 @@ def test_an_interrupted_sharded_step_resumes_on_fewer_then_more_workers(local_ra
     data = prepare_datasets(config(2, 1))
     previous = None
     for workers, epochs in ((2, 1), (1, 2), (2, 3)):
-        ckpt = run_step(config(workers, epochs), PlannedStep(0, 1, 0), data, "", "", None, None, "resharded")
+        ckpt = run_step(config(workers, epochs), StepSpec(PlannedStep(0, 1, 0), data.num_classes), data, "resharded")
         state, (centres, _) = checkpoints.load_state(ckpt), _centres_and_backbone(ckpt)
         assert state["world_size"] == workers
         assert _centre_files(ckpt) == ([(0, 12)] if workers == 1 else [(0, 6), (6, 12)])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from flows.config import load_config
-from flows.train_step import StepModel, build_net_and_head, learning_rate, quality_summary
+from flows.step_model import StepModel, build_net_and_head
+from flows.train_step import learning_rate, quality_summary
 
 NUM_CLASSES = 6
 

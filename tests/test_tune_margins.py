@@ -21,18 +21,16 @@ import pytest
 import yaml
 
 from flows.config import ConfigError, load_config
-from flows.tune_margins import (
+from flows.margin_search.space import (
     SpaceError,
     check_space,
     load_space,
     override_yaml,
-    plan_trials,
     planned_samples,
     trial_overrides,
 )
+from flows.margin_search.trial import plan_trials
 from tests.conftest import ROOT
-
-pytestmark = pytest.mark.integration
 
 DEFAULT = ROOT / "configs" / "default.yaml"
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -246,6 +244,7 @@ def search(stack, tmp_path_factory):
             "name": name, "args": args, "stack": stack}
 
 
+@pytest.mark.integration
 def test_one_child_run_per_trial_with_its_margins_and_curve(search):
     client, parent, children = search["client"], search["parent"], search["children"]
     assert parent.info.status == "FINISHED"
@@ -282,6 +281,7 @@ def test_one_child_run_per_trial_with_its_margins_and_curve(search):
         assert child.data.tags["eqface.family"] == sample["margins"]["family"]
 
 
+@pytest.mark.integration
 def test_asha_stops_a_trial_at_the_grace_period(search):
     children = search["children"]
     stopped = [c for c in children if c.data.tags["eqface.early_stopped"] == "true"]
@@ -292,6 +292,7 @@ def test_asha_stops_a_trial_at_the_grace_period(search):
     assert search["parent"].data.tags["eqface.trials_early_stopped"] == str(len(stopped))
 
 
+@pytest.mark.integration
 def test_best_config_is_written_logged_and_accepted_by_the_flow(search):
     from flows.eqface import parse_args as flow_args
 
@@ -314,6 +315,7 @@ def test_best_config_is_written_logged_and_accepted_by_the_flow(search):
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "best")] == ["best/best.yaml"]
 
 
+@pytest.mark.integration
 def test_a_finished_search_is_not_silently_rerun(search):
     # The same command again, without --resume: refused before Ray is touched (so no job submission needed).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}

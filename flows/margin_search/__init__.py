@@ -1,0 +1,1 @@
+"""The margin search (flows/tune_margins.py): space, trial, MLflow bookkeeping, driver."""

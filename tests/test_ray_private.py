@@ -1,0 +1,35 @@
+"""Every private Ray API the project relies on (infra/ray_private.py) is still where Ray 2.60 keeps it.
+
+A Ray upgrade that moves one fails here by name; the flow and the search only use them as hints.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import ray
+
+from infra import ray_private
+
+
+def test_the_private_apis_exist_with_the_shapes_we_call():
+    assert ray.__version__ == "2.60.0"  # the version these were read from; re-read them on an upgrade
+    for name in ("find_gcs_addresses", "create_package", "prepare_config", "validate_config"):
+        assert callable(getattr(ray_private, name)), name
+    assert callable(ray_private._global_state.get_max_resources_from_cluster_config)
+    assert isinstance(ray_private.class_cache.ENV_VARS_TO_PROPAGATE, (set, frozenset, list, tuple))
+    assert {"include_gitignore", "excludes"} <= set(inspect.signature(ray_private.create_package).parameters)
+
+
+def test_tune_no_longer_propagates_what_we_drop():
+    before = ray_private.tune_propagated_env_vars()
+    try:
+        ray_private.stop_tune_propagating(frozenset({"AWS_SECRET_ACCESS_KEY"}))
+        assert "AWS_SECRET_ACCESS_KEY" not in ray_private.tune_propagated_env_vars()
+        assert before - {"AWS_SECRET_ACCESS_KEY"} <= ray_private.tune_propagated_env_vars()
+    finally:
+        ray_private.class_cache.ENV_VARS_TO_PROPAGATE = before
+
+
+def test_the_gcs_addresses_on_this_host_come_back_as_a_list():
+    assert isinstance(ray_private.gcs_addresses_on_this_host(), list)
