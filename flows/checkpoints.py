@@ -27,6 +27,7 @@ from data import storage
 from infra.ray_errors import exception_chain, remote_error_message
 from models import load_eqface_net, save_eqface_net
 from models.partial_fc import SHARD_FILE, load_sharded_centres, save_sharded_centres
+from models.safe_load import load_weights
 
 STATE_FILE = "state.pt"
 NET_FILE = "net.pt"
@@ -131,7 +132,7 @@ def read_meta(checkpoint) -> dict:
 
 def load_state(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_weights(Path(d) / STATE_FILE)  # tensors and plain data only: never code
 
 
 def load_net(checkpoint):

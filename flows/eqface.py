@@ -29,6 +29,7 @@ from flows.tracking import FlowTracker, TrackingOutageError  # noqa: E402
 from flows.train_step import NonFiniteLossError  # noqa: E402
 from flows.validation import validate_checkpoints  # noqa: E402
 from infra.ray_errors import remote_error_message  # noqa: E402
+from models.safe_load import UnsafeFileError  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -145,6 +146,10 @@ def report_failure(exc: Exception) -> int:
     if outage is not None:
         print(f"eqface: error: {outage}", file=sys.stderr)
         return 1
+    refused = remote_error_message(exc, UnsafeFileError)  # a crafted checkpoint a worker would not load
+    if refused is not None:
+        print(f"eqface: error: {refused}", file=sys.stderr)
+        return 2
     bad_data = exc if isinstance(exc, DatasetError) else dataset_error_from(exc)  # unwraps Ray's wrappers
     if bad_data is not None:
         print(f"eqface: error: {bad_data}", file=sys.stderr)

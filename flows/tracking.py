@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.config import Config, ConfigError
+from flows.credentials import refuse_credentials_in_uri
 from flows.steps import PlannedStep, StepKind
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ RESUMABLE_CHANGES = ("scaling.", "tracking.", "flow.max_failures", "flow.checkpo
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail fast with one line, instead of the client's minutes of retries, when the server is not there."""
+    refuse_credentials_in_uri(uri)  # before the URI is logged anywhere
     if not uri.startswith(("http://", "https://")):
         return
     try:

@@ -1,4 +1,4 @@
-"""The local service stack: Ray head, MLflow tracking server, S3-compatible server, all on 127.0.0.1.
+"""The local service stack: Ray head, MLflow tracking server, S3-compatible server, all on 127.0.0.1 only.
 
 One place starts and stops them, by process id, for the README's quick start and for the tests:
 
@@ -9,8 +9,11 @@ One place starts and stops them, by process id, for the README's quick start and
     python -m infra.stack down                               # stop them, by pid
 
 Each service runs in its own process group; its pid, port and log live in <state-dir>/stack.json.
-Ray keeps token authentication on: a random token is written to <state-dir>/ray_auth_token (mode 600)
-and clients find it through RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH.
+Ray keeps token authentication on: a random token is written to <state-dir>/ray_auth_token and clients find
+it through RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH. The state dir is private (0700; the token, stack.json,
+logs and MLflow's SQLite store 0600): the services run with umask 077.
+Every Ray server listens on 127.0.0.1 only (infra/ray_loopback.py says how); the Ray Client server runs only
+with `up --ray-client`. The ports of one start are picked together (infra/ports.py), so they never collide.
 An added node (`add-node`) is a second `ray start --address <head>` process with the same token, its own
 CPUs, object store, temp dir and a marker resource `eqface_node_<n>`: a multi-node rehearsal on one machine.
 """
@@ -34,16 +37,14 @@ from pathlib import Path
 
 import boto3
 
-HOST = "127.0.0.1"
+from infra.ports import HOST, free_port, pick_ports
+from infra.ray_loopback import LOOPBACK_ENV, ray_start_command
+
 # Fake, well-known credentials for the local S3-compatible server only (moto accepts any).
 LOCAL_S3_KEY_ID = "eqface-local-key"
 LOCAL_S3_SECRET = "eqface-local-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+# What the services create (logs, MLflow's SQLite store and artifacts, Ray's session dirs) is theirs alone.
+PRIVATE_UMASK = 0o077
 
 
 def _port_open(port: int) -> bool:
@@ -101,10 +102,18 @@ class Stack:
         return stack
 
     def save(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._private_dir()
         tmp = self.state_dir / "stack.json.tmp"
-        tmp.write_text(json.dumps({k: asdict(v) for k, v in self.services.items()}, indent=2))
+        _write_private(tmp, json.dumps({k: asdict(v) for k, v in self.services.items()}, indent=2))
         os.replace(tmp, self.state_dir / "stack.json")
+
+    def _private_dir(self, *parts: str) -> Path:
+        """The state dir (or a dir inside it), created or narrowed to mode 0700."""
+        directory = self.state_dir.joinpath(*parts)
+        for path in (self.state_dir, directory):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)
+        return directory
 
     # -- environment for clients -----------------------------------------------------------------
     def _s3_env(self) -> dict[str, str]:
@@ -118,6 +127,7 @@ class Stack:
                 RAY_ADDRESS=f"http://{HOST}:{ray.info['dashboard_port']}",
                 RAY_AUTH_MODE="token",
                 RAY_AUTH_TOKEN_PATH=ray.info["token_path"],
+                **LOOPBACK_ENV,  # a driver started from this shell connects through 127.0.0.1 too
             )
         if "mlflow" in self.services:
             env["MLFLOW_TRACKING_URI"] = f"http://{HOST}:{self.services['mlflow'].port}"
@@ -140,6 +150,8 @@ class Stack:
             **self._s3_env(),
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_path),
+            # The node's address stays 127.0.0.1 (not the machine's external one), hence every Ray server's.
+            **LOOPBACK_ENV,
             # On SIGTERM `ray start --block` first drains the node (for Serve replicas); a head that has run a
             # job never finishes draining and `down` sat out Ray's 30 s default. Nothing here needs a drain.
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
@@ -148,12 +160,12 @@ class Stack:
         }
 
     def _spawn(self, name: str, cmd: list[str], port: int, env: dict[str, str], info: dict) -> Service:
+        self._private_dir()
         log = self.state_dir / f"{name}.log"
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
+        with os.fdopen(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as out:
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **env}, start_new_session=True,
+                env={**os.environ, **env}, start_new_session=True, umask=PRIVATE_UMASK,
             )
         svc = Service(name, proc.pid, port, str(log), info)
         self.services[name] = svc
@@ -173,30 +185,30 @@ class Stack:
             time.sleep(0.5)
         raise RuntimeError(f"{svc.name} not ready after {timeout:.0f}s (log: {svc.log})")
 
-    def start_ray(self, num_cpus: int | None = None, object_store_mb: int = 512) -> Service:
+    def start_ray(self, num_cpus: int | None = None, object_store_mb: int = 512, ray_client: bool = False) -> Service:
+        """The Ray head; `ray_client`: also the Ray Client server (ray://127.0.0.1:<info['client_port']>)."""
         if "ray" in self.services:
             return self.services["ray"]
         token_path = self.state_dir / "ray_auth_token"
         if not token_path.exists():
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            token_path.write_text(secrets.token_hex(32))
-            token_path.chmod(0o600)
-        gcs, dashboard = free_port(), free_port()
-        cmd = [
-            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-            f"--port={gcs}", f"--node-ip-address={HOST}",
+            self._private_dir()
+            _write_private(token_path, secrets.token_hex(32))
+        gcs, dashboard, agent, client = pick_ports(4)
+        cmd = ray_start_command(
+            "--head", "--block", "--disable-usage-stats", f"--port={gcs}", f"--node-ip-address={HOST}",
             "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-            f"--object-store-memory={object_store_mb * 2**20}",
+            f"--dashboard-agent-listen-port={agent}", f"--object-store-memory={object_store_mb * 2**20}",
             # Its own temp dir: sessions and the "current cluster" file of two stacks never mix, and a
             # short path keeps Ray's unix socket names under the OS limit.
             f"--temp-dir=/tmp/eqface-ray-{gcs}",
-        ]
+        )
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
+        if ray_client:
+            cmd.append(f"--ray-client-server-port={client}")
         env = self._ray_env(token_path)
         info = {"gcs_port": gcs, "dashboard_port": dashboard, "token_path": str(token_path),
-                "temp_dir": f"/tmp/eqface-ray-{gcs}"}
+                "temp_dir": f"/tmp/eqface-ray-{gcs}", **({"client_port": client} if ray_client else {})}
         svc = self._spawn("ray", cmd, dashboard, env, info)
         self._wait(svc, lambda: _http_ok(f"http://{HOST}:{dashboard}/api/version", token_path), 120)
         return svc
@@ -209,9 +221,8 @@ class Stack:
     def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
                  object_store_mb: int = 256) -> Service:
         """One more Ray node, joined to this stack's head as `ray start --address` joins another machine's: its
-        own raylet, object store, CPUs and temp dir, the head's token, joined through 127.0.0.1 (on Linux Ray
-        advertises the host's address and its gRPC ports listen on all interfaces, token required: see
-        docs/cluster.md). A marker resource `eqface_node_<n>: 1` tells it apart in `ray list nodes`."""
+        own raylet, object store, CPUs and temp dir, the head's token, joined through 127.0.0.1, its servers on
+        127.0.0.1 like the head's. A marker resource `eqface_node_<n>: 1` tells it apart in `ray list nodes`."""
         head = self.services.get("ray")
         if head is None:
             raise RuntimeError("add-node needs the Ray head of this stack: run `python -m infra.stack up` first")
@@ -219,13 +230,13 @@ class Stack:
         marker = f"eqface_node_{index}"
         resources = {marker: 1, **(resources or {})}
         temp_dir = f"{head.info['temp_dir']}-n{index}"
-        cmd = [
-            _bin("ray"), "start", f"--address={HOST}:{head.info['gcs_port']}", "--block", "--disable-usage-stats",
+        cmd = ray_start_command(
+            f"--address={HOST}:{head.info['gcs_port']}", "--block", "--disable-usage-stats",
             f"--node-ip-address={HOST}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}",
             f"--object-store-memory={object_store_mb * 2**20}",
             # Ray's default agent port (52365) would collide with the head's and other clusters' on this host.
             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
-        ]
+        )
         info = {"index": index, "marker": marker, "num_cpus": num_cpus, "resources": resources,
                 "head_gcs_port": head.info["gcs_port"], "temp_dir": temp_dir}
         svc = self._spawn(f"ray-node-{index}", cmd, 0, self._ray_env(Path(head.info["token_path"])), info)
@@ -251,8 +262,8 @@ class Stack:
         S3 server first); SQLite backend store by default, or a postgresql:// URI."""
         if "mlflow" in self.services:
             return self.services["mlflow"]
-        root = self.state_dir / "mlflow"
-        (root / "artifacts").mkdir(parents=True, exist_ok=True)
+        root = self._private_dir("mlflow")
+        self._private_dir("mlflow", "artifacts")
         port = free_port()
         cmd = [
             _bin("mlflow"), "server",
@@ -334,6 +345,13 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a file only its owner can read, from its first byte on."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+    path.chmod(0o600)  # a file that existed keeps its old mode through O_CREAT
+
+
 def _http_ok(url: str, token_path: Path | None = None) -> bool:
     request = urllib.request.Request(url)
     if token_path is not None:
@@ -352,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3", action="store_true", help="also start the S3-compatible server (moto_server)")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--ray-client", action="store_true",
+                        help="up: also start the Ray Client server (ray://127.0.0.1:PORT); off by default")
     parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the head (up) or node (add-node)")
     parser.add_argument("--resources", type=json.loads, default=None,
                         help='add-node: extra custom resources as JSON, e.g. \'{"big_mem": 1}\'')
@@ -364,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.s3:
             stack.start_s3()
         if not args.no_ray:
-            stack.start_ray(num_cpus=args.num_cpus)
+            stack.start_ray(num_cpus=args.num_cpus, ray_client=args.ray_client)
         for name, svc in stack.services.items():
             print(f"{name:10s} pid {svc.pid:<8d} port {svc.port:<6d} log {svc.log}", file=sys.stderr)
+        ray = stack.services.get("ray")
+        if ray is not None and "client_port" in ray.info:
+            print(f"Ray Client: ray://{HOST}:{ray.info['client_port']}", file=sys.stderr)
     elif args.command == "add-node":
         svc = stack.add_node(num_cpus=args.num_cpus or 1, resources=args.resources)
         print(f"{svc.name} pid {svc.pid} resources {json.dumps(svc.info['resources'])} log {svc.log}",

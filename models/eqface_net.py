@@ -10,6 +10,7 @@ from torch import nn
 
 from models.backbones import get_backbone
 from models.quality import QualityHead
+from models.safe_load import UnsafeFileError, load_weights
 
 
 class EQFaceNet(nn.Module):
@@ -91,8 +92,8 @@ def load_eqface_net(
 ) -> EQFaceNet:
     """Rebuild the net from `arch` and load its weights; bad files raise ValueError naming `path`."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
+        payload = load_weights(path, map_location=map_location)
+    except (FileNotFoundError, UnsafeFileError):
         raise
     except Exception as exc:  # corrupt or foreign file
         raise ValueError(f"{path}: not a readable EQFaceNet checkpoint ({exc})") from exc

@@ -51,6 +51,7 @@ from models.margin import (
     cosine_to_centres,
     normalize_rows,
 )
+from models.safe_load import UnsafeFileError, load_weights
 
 SHARD_FILE = re.compile(r"^centres_(\d+)_(\d+)\.pt$")
 
@@ -306,7 +307,9 @@ def _shard_files(directory: Path) -> list[tuple[int, int, Path]]:
 
 def _read_shard(path: Path, start: int, end: int) -> dict:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        payload = load_weights(path, mmap=True)
+    except UnsafeFileError:
+        raise
     except Exception as exc:
         raise ValueError(f"{path}: not a readable centre shard ({exc})") from exc
     weight = payload.get("weight") if isinstance(payload, dict) else None

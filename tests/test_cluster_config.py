@@ -4,8 +4,11 @@
   prepare_config + validate_config (the checks `ray up` runs before touching AWS);
 - it holds no credential, opens no Ray or MLflow port to any address range, keeps token auth on, and has
   GPU node types;
-- its token setup command really fetches a Secrets Manager secret (the local moto server's) into
-  ~/.ray/auth_token with mode 600;
+- its security group admits the group itself only, on Ray's fixed ports (GCS, raylet, dashboard agent, a fixed
+  worker port range pinned on every `ray start`), and those rules apply as written to an EC2 API (moto's), where
+  Ray's launcher then leaves them alone;
+- its setup commands really fetch Secrets Manager secrets (the local moto server's) into ~/.ray/auth_token and
+  ~/.mlflow/credentials with mode 600, and MLflow's client reads the latter;
 - the job upload, packed by Ray's own packager with the documented excludes, carries code and no data;
 - the Dockerfile, ray_cluster.yaml and pyproject.toml agree; configs/ms1mv3_r100.yaml loads and fits the
   cluster.
@@ -36,6 +39,10 @@ DOCS = ROOT / "docs" / "cluster.md"
 RAY_PORTS = (6379, 8076, 8265, 10001)  # GCS, object manager, dashboard/jobs API, Ray client
 MLFLOW_PORT = 5000
 PUBLIC = {"0.0.0.0/0", "::/0"}
+GROUP = "eqface-ray"
+# The flags of every `ray start` that fix the ports other nodes connect to (what the security group admits).
+FIXED_PORT_FLAGS = ("--object-manager-port", "--node-manager-port", "--dashboard-agent-grpc-port",
+                    "--dashboard-agent-listen-port", "--min-worker-port", "--max-worker-port")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +137,44 @@ def test_no_ray_or_mlflow_port_open_to_the_internet(cluster):
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
 
 
+def _flags(command: str) -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r"(--[a-z-]+)=(\d+)\b", command)}
+
+
+def _admits_only_the_group(rule: dict) -> bool:
+    pairs = rule.get("UserIdGroupPairs", [])
+    return (bool(pairs) and all(p.get("GroupName") == GROUP for p in pairs)
+            and not any(rule.get(k) for k in ("IpRanges", "Ipv6Ranges", "PrefixListIds")))
+
+
+def test_ray_ports_admit_the_clusters_own_group_only_with_a_fixed_worker_range(cluster):
+    starts = [c for c in start_commands(cluster) if "ray start" in c]
+    flags = [_flags(c) for c in starts]
+    for command, found in zip(starts, flags, strict=True):
+        assert set(FIXED_PORT_FLAGS) <= set(found), command  # nothing left to Ray's random choice
+    assert all({k: f[k] for k in FIXED_PORT_FLAGS} == {k: flags[0][k] for k in FIXED_PORT_FLAGS} for f in flags)
+    fixed = flags[0]
+    workers = range(fixed["--min-worker-port"], fixed["--max-worker-port"] + 1)
+    assert 100 <= len(workers) <= 2000, "a fixed, bounded worker port range"
+    head_gcs = _flags(" ".join(cluster["head_start_ray_commands"]))["--port"]
+    ports = {"GCS": head_gcs, "object manager": fixed["--object-manager-port"],
+             "node manager": fixed["--node-manager-port"], "agent gRPC": fixed["--dashboard-agent-grpc-port"],
+             "agent HTTP": fixed["--dashboard-agent-listen-port"], "first worker": workers[0],
+             "last worker": workers[-1]}
+    group = cluster["provider"]["security_group"]
+    assert group["GroupName"] == GROUP
+    rules = group["IpPermissions"]
+    for what, port in ports.items():
+        covering = [r for r in rules if _rule_covers(r, port)]
+        assert covering and all(_admits_only_the_group(r) for r in covering), f"{what} ({port}): {covering}"
+    assert any(int(r["FromPort"]) == workers[0] and int(r["ToPort"]) == workers[-1] for r in rules)
+    # No rule of the file has an address range or opens everything: SSH from the operator's network is added
+    # when the group is created (infra.security_group --ssh-from), never written here.
+    assert all(_admits_only_the_group(r) and str(r["IpProtocol"]) == "tcp" for r in rules), rules
+    for port in (8265, 10001, MLFLOW_PORT):  # dashboard, Ray Client, MLflow: through SSH only
+        assert not any(_rule_covers(r, port) for r in rules), port
+
+
 def test_rule_check_would_catch_an_open_dashboard():
     anywhere = [{"CidrIp": "0.0.0.0/0"}]
     open_dashboard = {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, "IpRanges": anywhere}
@@ -168,40 +213,91 @@ def test_cpu_head_and_gpu_worker_types(cluster):
 
 
 # ---------------------------------------------------------------------------------------------
-# The token setup command against a Secrets Manager API (the local moto server)
+# Against AWS APIs: the local moto server (Secrets Manager, EC2)
 
 
-def test_setup_commands_fetch_the_ray_token_from_secrets_manager(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def aws(tmp_path_factory):
+    """The local moto server, and clients of it."""
     import boto3
 
     from infra.stack import Stack
 
-    stack = Stack.load(tmp_path / "state")
+    stack = Stack.load(tmp_path_factory.mktemp("moto"))
     try:
         stack.start_s3(buckets=("eqface",))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
-        env.update(stack.env())  # AWS_ENDPOINT_URL -> moto, which also serves Secrets Manager
-        venv_bin = Path(sys.executable).parent  # `python` of the setup command: one with boto3
-        env.update(HOME=str(tmp_path / "home"), PATH=f"{venv_bin}{os.pathsep}{env['PATH']}")
-        (tmp_path / "home").mkdir()
-        secrets = boto3.client(
-            "secretsmanager", region_name="us-east-1", endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        )
-        token = "a" * 16 + "0123456789abcdef" * 3
-        secrets.create_secret(Name="eqface/ray-auth-token", SecretString=token + "\n")
-        for _ in range(2):  # `ray up` re-runs setup commands on every update: they must be idempotent
-            for command in cluster["setup_commands"]:
-                done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
-                                      timeout=120)
-                assert done.returncode == 0, f"{command}\n{done.stderr}"
-                assert token not in done.stdout + done.stderr  # never echoed into the launcher's logs
+        env = stack.env()  # AWS_ENDPOINT_URL -> moto, which also serves Secrets Manager and EC2
+        keys = {"region_name": "us-east-1", "endpoint_url": env["AWS_ENDPOINT_URL"],
+                "aws_access_key_id": env["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"]}
+        yield {"env": env, "client": lambda name: boto3.client(name, **keys),
+               "resource": lambda name: boto3.resource(name, **keys)}
     finally:
         stack.stop_all()
+
+
+@pytest.mark.integration
+def test_setup_commands_fetch_the_ray_token_and_mlflow_user_from_secrets_manager(cluster, aws, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
+    env.update(aws["env"])
+    venv_bin = Path(sys.executable).parent  # `python` of the setup command: one with boto3
+    env.update(HOME=str(tmp_path / "home"), PATH=f"{venv_bin}{os.pathsep}{env['PATH']}")
+    (tmp_path / "home").mkdir()
+    secrets = aws["client"]("secretsmanager")
+    token = "a" * 16 + "0123456789abcdef" * 3
+    password = "trainer-%-" + "0123456789abcdef" * 2  # '%' must survive the credentials file's ini syntax
+    secrets.create_secret(Name="eqface/ray-auth-token", SecretString=token + "\n")
+    secrets.create_secret(Name="eqface/mlflow-trainer",
+                          SecretString=json.dumps({"username": "trainer", "password": password}))
+    for _ in range(2):  # `ray up` re-runs setup commands on every update: they must be idempotent
+        for command in cluster["setup_commands"]:
+            done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{command}\n{done.stderr}"
+            for secret in (token, password):  # never echoed into the launcher's logs
+                assert secret not in done.stdout + done.stderr
     token_file = tmp_path / "home" / ".ray" / "auth_token"
     assert token_file.read_text().strip() == token
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    credentials = tmp_path / "home" / ".mlflow" / "credentials"
+    for secret_file in (token_file, credentials):
+        assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     assert (tmp_path / "home" / ".bashrc").read_text().count("export RAY_AUTH_MODE=token") == 1
+    read = "from mlflow.utils.credentials import read_mlflow_creds as r; c = r(); print(c.username); print(c.password)"
+    done = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["trainer", password], done.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_security_group_rules_apply_to_ec2_and_the_launcher_keeps_them(cluster, aws):
+    """The rules of ray_cluster.yaml, through infra.security_group, on a group of a VPC of moto's EC2: each admits
+    the group itself (by id) on the same ports. Ray's launcher (its own function for a group it finds) then leaves
+    the group as it is; a group without rules would get its defaults, SSH from 0.0.0.0/0 among them."""
+    from ray.autoscaler._private.aws.config import _upsert_security_group_rules
+
+    from infra.security_group import ingress_rules
+
+    ec2 = aws["client"]("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
+    group_id = ec2.create_security_group(GroupName=GROUP, Description="EQFace Ray", VpcId=vpc)["GroupId"]
+    rules = ingress_rules(cluster, group_id, ssh_from=["203.0.113.0/24"])
+    ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=rules)
+
+    def ingress(gid: str) -> set[tuple]:
+        """(protocol, from, to, source) per source: EC2 merges sources of one port range into one rule."""
+        group = ec2.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
+        return {(r["IpProtocol"], r.get("FromPort"), r.get("ToPort"), source) for r in group["IpPermissions"]
+                for source in [p["GroupId"] for p in r.get("UserIdGroupPairs", [])]
+                + [c["CidrIp"] for c in r.get("IpRanges", [])]}
+
+    applied = ingress(group_id)
+    wanted = {("tcp", r["FromPort"], r["ToPort"], group_id) for r in cluster["provider"]["security_group"]
+              ["IpPermissions"]}
+    assert applied == wanted | {("tcp", 22, 22, "203.0.113.0/24")}
+    config = copy.deepcopy(cluster)
+    ec2_resource = aws["resource"]("ec2")
+    _upsert_security_group_rules(config, {"head.cpu": ec2_resource.SecurityGroup(group_id)})
+    assert ingress(group_id) == applied
+    bare = ec2.create_security_group(GroupName="bare", Description="no rules", VpcId=vpc)["GroupId"]
+    _upsert_security_group_rules(config, {"head.cpu": ec2_resource.SecurityGroup(bare)})
+    assert ("tcp", 22, 22, "0.0.0.0/0") in ingress(bare)
 
 
 # ---------------------------------------------------------------------------------------------

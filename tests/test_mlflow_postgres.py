@@ -1,6 +1,7 @@
-"""MLflow as in production: infra/mlflow/run_server.sh with a PostgreSQL backend store and artifacts proxied
-to S3 (the local S3-compatible server), used through MlflowClient by a client that holds no S3 credentials,
-and by the flow itself submitted to a Ray head that holds none either.
+"""MLflow as in production: infra/mlflow/run_server.sh with a PostgreSQL backend store (the auth app's users and
+permissions in the same database) and artifacts proxied to S3 (the local S3-compatible server), used through
+MlflowClient by a client that holds no S3 credentials, only its MLflow user's, and by the flow itself submitted
+to a Ray head that holds none either.
 
 PostgreSQL comes from Debian's packages (infra/postgres.py); the module skips, with the reason, where it
 cannot be started here.
@@ -10,55 +11,20 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from infra.postgres import PostgresUnavailable, start_postgres
-from infra.stack import HOST, LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, Stack, free_port
+from infra.stack import HOST, LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, Stack
+from tests.mlflow_server import RUN_SERVER, as_user, create_user, http_status, start_run_server
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_SERVER = ROOT / "infra" / "mlflow" / "run_server.sh"
 BUCKET = "eqface"
 ALLOWED_HOST = "mlflow.internal"
-
-
-def _http_status(url: str, host: str | None = None) -> int:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-def _http_status_or_none(url: str) -> int | None:
-    try:
-        return _http_status(url)
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM the server (its pid), then SIGKILL whatever is left of its process group (uvicorn workers)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+USER = "trainer"
 
 
 def _s3_client(services: dict):
@@ -82,35 +48,18 @@ def services(tmp_path_factory):
     server = None
     try:
         stack.start_s3(buckets=(BUCKET,))
-        port = free_port()
-        log = state / "mlflow.log"
-        env = {
-            **os.environ,
+        server = start_run_server(state, {
             **stack.env(),  # S3 endpoint + the local server's fake keys: for the server only
             "MLFLOW_BACKEND_STORE_URI": pg.uri.replace("postgresql://", "postgresql+psycopg://"),
             "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow-artifacts",
-            "MLFLOW_HOST": HOST,
-            "MLFLOW_PORT": str(port),
-            "MLFLOW_WORKERS": "1",
             "MLFLOW_ALLOWED_HOSTS": f"{ALLOWED_HOST},{HOST}:*,localhost:*",
-            "MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow"),
-        }
-        with open(log, "wb") as out:
-            server = subprocess.Popen(
-                ["bash", str(RUN_SERVER)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        url = f"http://{HOST}:{port}"
-        deadline = time.monotonic() + 240  # first start runs MLflow's schema migrations on PostgreSQL
-        while _http_status_or_none(f"{url}/health") != 200:
-            tail = log.read_text(errors="replace")[-2000:]
-            assert server.poll() is None, f"MLflow server exited: {tail}"
-            assert time.monotonic() < deadline, f"MLflow server not healthy after 240 s: {tail}"
-            time.sleep(0.5)
-        yield {"url": url, "pg": pg, "stack": stack, "log": log}
+        })
+        password = create_user(server, USER)
+        with as_user(USER, password):  # the clients of these tests, and the Ray head they start
+            yield {"url": server.url, "pg": pg, "stack": stack, "log": server.log, "password": password}
     finally:
         if server is not None:
-            _stop(server)
+            server.stop()
         stack.stop_all()
         pg.stop()
 
@@ -156,6 +105,12 @@ def test_run_round_trip_through_postgres_and_proxied_s3(services, tmp_path, monk
     s3 = _s3_client(services)
     key = f"mlflow-artifacts/{experiment_id}/{run_id}/artifacts/reports/notes.txt"
     assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b"quality-aware face recognition\n"
+
+    # The auth app's tables live in the same database; the user's password is not in it (only its hash).
+    with psycopg.connect(services["pg"].uri) as conn:
+        users = [row[0] for row in conn.execute("SELECT username FROM users ORDER BY username")]
+        hashes = [row[0] for row in conn.execute("SELECT password_hash FROM users")]
+    assert users == ["admin", USER] and not any(services["password"] in h for h in hashes)
 
     # The server's S3 secret never reaches its log or the tracking store.
     assert LOCAL_S3_SECRET not in services["log"].read_text(errors="replace")
@@ -226,10 +181,12 @@ def test_the_flow_tracks_into_postgres_with_artifacts_proxied_to_s3(services, tm
 
 def test_allowed_hosts_guard_the_api(services):
     api = f"{services['url']}/api/2.0/mlflow/experiments/search?max_results=1"
-    assert _http_status(api, host=ALLOWED_HOST) == 200
-    assert _http_status(api, host="attacker.example.com") == 403
+    user = (USER, services["password"])
+    assert http_status(api, host=ALLOWED_HOST, auth=user) == 200
+    assert http_status(api, host=ALLOWED_HOST) == 401  # the name is allowed, the caller still has to log in
+    assert http_status(api, host="attacker.example.com", auth=user) == 403
     # Setting --allowed-hosts replaces MLflow's default list, private IPs included.
-    assert _http_status(api, host="10.0.0.5:5000") == 403
+    assert http_status(api, host="10.0.0.5:5000", auth=user) == 403
 
 
 def test_run_server_refuses_a_password_in_the_uri(tmp_path):
@@ -239,6 +196,17 @@ def test_run_server_refuses_a_password_in_the_uri(tmp_path):
     assert done.returncode == 2
     assert "MLFLOW_DB_PASSWORD_FILE" in done.stderr
     assert "hunter2" not in done.stderr
+
+
+def test_run_server_refuses_to_start_without_authentication(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'db'}", MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path),
+               MLFLOW_BIN="/bin/false")
+    done = subprocess.run(["bash", str(RUN_SERVER)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("run_server.sh: set MLFLOW_FLASK_SERVER_SECRET_KEY or "
+                                   "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE (e.g. openssl rand -hex 32)")
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_run_server_names_a_missing_setting(tmp_path):
@@ -260,10 +228,15 @@ def test_compose_file_keeps_secrets_out_and_services_private():
     assert user_info == "mlflow", "the backend URI must name the user only, no password"
     assert mlflow_env["MLFLOW_DB_PASSWORD_FILE"].startswith("/run/secrets/")
     assert mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    # Authentication: its secrets come from secret files only, never as values in the compose file.
+    for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert name not in mlflow_env and mlflow_env[f"{name}_FILE"].startswith("/run/secrets/"), name
+        secret = mlflow_env[f"{name}_FILE"].removeprefix("/run/secrets/")
+        assert secret in services["mlflow"]["secrets"] and compose["secrets"][secret]["file"].startswith("./secrets/")
     for service in ("mlflow", "proxy"):
         for mapping in services[service]["ports"]:  # published on loopback unless the operator says otherwise
             assert mapping.startswith("${") and ":-127.0.0.1}:" in mapping, mapping
     assert services["proxy"]["profiles"] == ["proxy"]
-    # The server image pins the same MLflow as the project.
-    mlflow_pin = re.search(r'"(mlflow==[^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
-    assert f'"{mlflow_pin}"' in (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()
+    # The server image pins the same MLflow as the project, with its authentication app.
+    version = re.search(r'"mlflow==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f'"mlflow[auth]=={version}"' in (ROOT / "infra" / "mlflow" / "Dockerfile").read_text()

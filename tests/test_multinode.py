@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from flows import checkpoints
 from flows.tracking import TAG_CHECKPOINT, TAG_COMPLETE, TAG_FLOW, TAG_KIND
+from infra.ray_loopback import LOOPBACK_ENV, ray_start_command
 from infra.stack import LOCAL_S3_KEY_ID, LOCAL_S3_SECRET, Stack, _http_ok, free_port
 from tests.conftest import submit_flow
 
@@ -130,10 +131,10 @@ def test_a_node_with_another_token_is_refused(cluster, tmp_path):
     wrong.chmod(0o600)
     head = cluster.services["ray"].info
     temp_dir = f"{head['temp_dir']}-refused"
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", f"--address=127.0.0.1:{head['gcs_port']}",
-           "--num-cpus=1", "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
-           f"--temp-dir={temp_dir}"]
-    env = {**_base_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}
+    cmd = ray_start_command(f"--address=127.0.0.1:{head['gcs_port']}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                            "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+                            f"--temp-dir={temp_dir}")
+    env = {**_base_env(), **LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

@@ -1,0 +1,60 @@
+"""Ports that cannot collide: the stack's ports of one start are picked together, each held until all are
+chosen, from the range neither the kernel nor Ray's workers hand out; and the Ray head starts 30 times in a
+row, every time (the old one-port-at-a-time picking once gave the GCS and the Ray Client server one port)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import psutil
+import pytest
+
+from infra.ports import RAY_WORKER_PORTS_END, pick_ports, quiet_range
+from infra.stack import HOST, Stack
+
+
+def test_one_pick_gives_distinct_ports_outside_the_kernels_and_rays_ranges():
+    ephemeral_start = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    quiet = quiet_range()
+    assert quiet.start == RAY_WORKER_PORTS_END + 1 and quiet.stop == ephemeral_start
+    for _ in range(200):
+        ports = pick_ports(5)
+        assert len(set(ports)) == 5 and all(p in quiet for p in ports), ports
+
+
+def test_picked_ports_are_free_and_a_taken_one_is_never_picked():
+    held = [socket.socket() for _ in range(50)]
+    try:
+        taken = set()
+        for sock, port in zip(held, pick_ports(50), strict=True):
+            sock.bind((HOST, port))  # every picked port was released and can be bound
+            taken.add(port)
+        for _ in range(100):  # while those are bound, no pick returns one of them
+            assert not taken & set(pick_ports(4))
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.integration
+def test_the_ray_head_starts_30_times_in_a_row(tmp_path):
+    """Only the Ray head (its GCS, dashboard and agent ports are the ones picked together), started and stopped
+    by pid 30 times; never with a Ray Client server, which only `ray_client=True` starts."""
+    stack = Stack.load(tmp_path / "state")
+    times, ports = [], set()
+    started = time.monotonic()
+    try:
+        for _ in range(30):
+            t0 = time.monotonic()
+            head = stack.start_ray(num_cpus=1, object_store_mb=80)
+            times.append(time.monotonic() - t0)
+            ports.add((head.info["gcs_port"], head.info["dashboard_port"]))
+            tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+            assert not [p for p in tree if "ray.util.client.server" in " ".join(p.cmdline())]
+            stack.stop("ray")
+    finally:
+        stack.stop_all()
+    print(f"\n[ports] 30 starts of the Ray head, all up: {time.monotonic() - started:.0f} s in all, start "
+          f"{min(times):.1f}-{max(times):.1f} s (median {sorted(times)[15]:.1f} s); {len(ports)} distinct port pairs")
+    assert len(times) == 30
