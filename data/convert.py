@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import importlib
 import io
 import itertools
 import json
@@ -472,6 +473,7 @@ def convert_recordio(prefix: str, dst: str, *, opts: Options | None = None) -> C
     _refuse_existing(dst, MANIFEST_NAME, opts.overwrite)
     report = ConvertReport("recordio", prefix, dst)
     pack = recordio.open_pack(prefix)
+    report.notes.extend(pack.notes)
     entries = pack.image_entries
     if not entries:
         raise ConvertError(f"{pack.rec_path}: the pack holds no image records")
@@ -550,16 +552,32 @@ def _union_find_labels(n: int, pairs: np.ndarray, is_same: np.ndarray) -> np.nda
     return np.unique(roots, return_inverse=True)[1].reshape(-1)
 
 
-class _BinUnpickler(pickle.Unpickler):
-    """Only what verification .bin files hold (lists, bytes, bools, numpy arrays): no code runs on load."""
+# numpy pickles name their reconstruction functions under numpy.core (numpy 1) or numpy._core (numpy 2),
+# whichever wrote them; both spellings resolve to the installed numpy's own module (no deprecation shim).
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+BIN_NUMPY_FUNCTIONS = frozenset({
+    ("multiarray", "_reconstruct"),  # ndarray, protocols 0-4
+    ("multiarray", "scalar"),  # numpy scalars (np.bool_ in issame lists)
+    ("numeric", "_frombuffer"),  # ndarray, protocol 5 (build_eval_pack.py pickles with HIGHEST_PROTOCOL)
+})
+BIN_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
+    ("_codecs", "encode"),  # protocol-2 pickles from Python 3 store bytes through _codecs.encode
+})
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
-               ("_codecs", "encode")}  # protocol-2 pickles from Python 3 store bytes through _codecs.encode
+
+class _BinUnpickler(pickle.Unpickler):
+    """Only what verification .bin files hold (lists, bytes, bools, numpy arrays): no code runs on load.
+
+    Every global a pickle may name is listed above: numpy's array/scalar/dtype reconstruction (which builds
+    values from bytes and refuses object arrays from a buffer) and bytes helpers. Anything else is refused.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED:
+        for core in ("numpy.core.", "numpy._core."):
+            if module.startswith(core) and (module[len(core):], name) in BIN_NUMPY_FUNCTIONS:
+                return getattr(importlib.import_module(f"{_NUMPY_CORE}.{module[len(core):]}"), name)
+        if (module, name) in BIN_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of a verification .bin)")
 

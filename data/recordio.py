@@ -8,9 +8,11 @@ number; reassembly puts the magic back between the parts.
 Payload (mxnet.recordio.pack): IRHeader = uint32 flag, float32 label, uint64 id, uint64 id2; when flag > 0,
 `flag` float32 labels follow (and replace `label`); the rest is the encoded image.
 
-insightface packs start with a header record (key 0, flag > 0): labels (a, b) say that image records are
+insightface packs start with a header record (key 0, flag > 0, no image): labels (a, b) say that image records are
 keys 1..a-1 and identity records are keys a..b-1 (each identity record's labels are its image key range).
-Packs without it hold image records only.
+insightface's rec_builder.py writes that record last in the file (the .idx finds it). Packs without it
+(SeqRecBuilder, the pip package's RecBuilder, rec2shufrec.py) hold image records only; rec2shufrec.py
+writes no .idx. The writers and their `property` files are in tests/test_insightface_conformance.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -144,16 +146,35 @@ def scan_offsets(rec_path: str) -> list[tuple[int, int]]:
     return entries
 
 
-def read_property(path: str) -> tuple[int, int, int]:
-    """(num_classes, height, width) from insightface's `property` file ("num_classes,h,w")."""
-    text = open(path).read().strip()
+@dataclass
+class Property:
+    """insightface's `property` file: line 1 "num_classes,height,width"; insightface's pip RecBuilder adds the
+    image count on line 2, rec2shufrec.py the count, "shuffled" and a date (lines after the count: free text)."""
+
+    num_classes: int
+    height: int
+    width: int
+    num_images: int | None
+
+
+def read_property(path: str) -> Property:
+    with open(path) as f:
+        lines = [line.strip() for line in f.read().strip().splitlines()]
+    first = lines[0] if lines else ""
     try:
-        values = tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in first.split(","))
         if len(values) != 3 or min(values) <= 0:
             raise ValueError
     except ValueError:
-        raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text[:80]!r}") from None
-    return values  # type: ignore[return-value]
+        raise RecordIOError(f"{path}: line 1: expected 'num_classes,height,width', got {first[:80]!r}") from None
+    try:
+        num_images = int(lines[1]) if len(lines) > 1 else None
+        if num_images is not None and num_images < 0:
+            raise ValueError
+    except ValueError:
+        raise RecordIOError(f"{path}: line 2: expected the image count (a non-negative integer), "
+                            f"got {lines[1][:80]!r}") from None
+    return Property(*values, num_images=num_images)
 
 
 @dataclass
@@ -165,6 +186,7 @@ class Pack:
     num_classes: int | None  # from `property`, else from the header record, else None
     image_size: tuple[int, int] | None
     has_header_record: bool
+    notes: list[str] = field(default_factory=list)  # what the converter's report should say (one line each)
 
 
 def _check_offsets(entries: list[tuple[int, int]], rec_path: str, idx_path: str) -> None:
@@ -187,19 +209,21 @@ def open_pack(prefix: str) -> Pack:
     if not entries:
         raise RecordIOError(f"{idx_path}: index lists no records")
     property_path = os.path.join(os.path.dirname(os.path.abspath(prefix)), "property")
-    num_classes, image_size = None, None
-    if os.path.isfile(property_path):
-        num_classes, h, w = read_property(property_path)
-        image_size = (h, w)
+    prop = read_property(property_path) if os.path.isfile(property_path) else None
+    num_classes = prop.num_classes if prop else None
+    image_size = (prop.height, prop.width) if prop else None
 
     by_key = dict(entries)
     first_key, first_offset = entries[0] if 0 not in by_key else (0, by_key[0])
     with open(rec_path, "rb") as f:
         payload, _ = read_record(f, first_offset, rec_path)
-    header, _ = unpack_payload(payload, f"{rec_path}: record {first_key} at byte offset {first_offset}")
-    if first_key != 0 or header.flag == 0:
+    header, body = unpack_payload(payload, f"{rec_path}: record {first_key} at byte offset {first_offset}")
+    # A header record holds labels and no image; record 0 of a pack without one may be an image with
+    # float-array labels (flag > 0), as the pip package's RecBuilder.add_image writes them.
+    if first_key != 0 or header.flag == 0 or body:
         _check_offsets(entries, rec_path, idx_path)
-        return Pack(rec_path, entries, num_classes, image_size, has_header_record=False)
+        pack = Pack(rec_path, entries, num_classes, image_size, has_header_record=False)
+        return _check_image_count(pack, prop, property_path)
 
     where = f"{rec_path}: header record 0 at byte offset {first_offset}"
     if header.labels is None or len(header.labels) < 2:
@@ -218,7 +242,17 @@ def open_pack(prefix: str) -> Pack:
     num_classes = num_classes or header_classes or None
     image_entries = [(k, by_key[k]) for k in range(1, image_end)]
     _check_offsets(image_entries, rec_path, idx_path)
-    return Pack(rec_path, image_entries, num_classes, image_size, has_header_record=True)
+    pack = Pack(rec_path, image_entries, num_classes, image_size, has_header_record=True)
+    return _check_image_count(pack, prop, property_path)
+
+
+def _check_image_count(pack: Pack, prop: Property | None, property_path: str) -> Pack:
+    """A `property` image count that disagrees with the pack becomes a note: the records are what is read."""
+    if prop is not None and prop.num_images is not None and prop.num_images != len(pack.image_entries):
+        found = len(pack.image_entries)
+        pack.notes.append(f"{property_path}: line 2 says {prop.num_images} images, but {pack.rec_path} holds "
+                          f"{found} image records; all {found} are converted")
+    return pack
 
 
 def read_image_record(f: BinaryIO, rec_path: str, key: int, offset: int) -> ImageRecord:

@@ -18,12 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow.pytorch
 import pyarrow.fs as pafs
 import torch
 from ray.train import Checkpoint
 
 from data import storage
+from flows.model_registry import load_net as load_registered_net
 from infra.ray_errors import exception_chain, remote_error_message
 from models import load_eqface_net, save_eqface_net
 from models.partial_fc import SHARD_FILE, load_sharded_centres, save_sharded_centres
@@ -146,10 +146,8 @@ def load_net(checkpoint):
 def load_net_from(path_or_uri: str):
     """EQFaceNet from a checkpoint directory/URI, a net.pt file, or an MLflow model URI (models:/..., runs:/...)."""
     if path_or_uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-
-        return mlflow.pytorch.load_model(path_or_uri, map_location="cpu").eval()
+        return load_registered_net(path_or_uri)
     if path_or_uri.endswith(".pt") and not storage.is_s3(path_or_uri):
-
         return load_eqface_net(path_or_uri).eval()
     return load_net(from_uri(path_or_uri, net_only=True))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -244,12 +245,16 @@ class TrackingConfig(Section):
     # Empty = $MLFLOW_TRACKING_URI, else http://127.0.0.1:5000.
     uri: str = ""
     experiment: str = "eqface"
+    # The Model Registry name the final model is registered under (alias "candidate": the newest version).
+    registered_model: str = "eqface"
     # The longest MLflow outage a flow rides out: training goes on and metrics wait in memory; past this,
     # the step fails (its checkpoints stay; a resume sends the metrics it could not).
     max_outage_s: float = 300.0
 
     def __post_init__(self) -> None:
         self.check(self.max_outage_s > 0, "max_outage_s", f"must be > 0, got {self.max_outage_s}")
+        self.check(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.registered_model) is not None, "registered_model",
+                   f"must be a name of letters, digits, '_', '.' and '-', got {self.registered_model!r}")
 
     def resolved_uri(self) -> str:
         """The tracking server this flow talks to."""

@@ -23,6 +23,7 @@ from data.shards import DatasetError  # noqa: E402
 from flows import checkpoints  # noqa: E402
 from flows.checkpoints import CheckpointStorageError  # noqa: E402
 from flows.config import Config, ConfigError, load_config  # noqa: E402
+from flows.model_registry import log_final_model  # noqa: E402
 from flows.runner import Datasets, run_step, start_up  # noqa: E402
 from flows.steps import PlannedStep, StepSpec, training_plan  # noqa: E402
 from flows.tracking import FlowTracker, TrackingOutageError  # noqa: E402
@@ -41,7 +42,8 @@ def run_flow(cfg: Config) -> dict[str, str]:
     print(f"[eqface] flow '{cfg.flow.name}' parent run {parent_id}{' (resumed)' if resumed else ''}", flush=True)
 
     final_uri = tracker.final_model_uri()
-    latest, latest_quality = None, None  # checkpoints of the latest step, and of the latest step that learnt quality
+    # Checkpoints of the latest step, and of the latest step that learnt quality (and that step's run).
+    latest, latest_quality, latest_quality_run = None, None, None
     final_metrics: dict[str, float] = {}
     for step in training_plan(cfg.flow.loops):
         run = tracker.step_run(step)
@@ -61,11 +63,12 @@ def run_flow(cfg: Config) -> dict[str, str]:
                 raise
         latest = ckpt
         if step.kind.learns_quality:
-            latest_quality = ckpt
+            latest_quality, latest_quality_run = ckpt, run.run_id
 
     if final_uri is None:
-        final_uri = tracker.log_final_model(checkpoints.load_net(latest_quality),
-                                            {f"final_{k}": v for k, v in final_metrics.items()})
+        final_uri = log_final_model(tracker, checkpoints.load_net(latest_quality),
+                                    {f"final_{k}": v for k, v in final_metrics.items()}, latest_quality_run,
+                                    data.train)
     else:
         tracker.client.set_terminated(parent_id, "FINISHED")
     return {"parent_run_id": parent_id, "final_model_uri": final_uri, "tracking_uri": tracker.uri,

@@ -1,4 +1,5 @@
-"""Where to look after a flow: the MLflow UI address, the flow's parent run id and the final model's URI.
+"""Where to look after a flow: the MLflow UI address, the flow's parent run id, the final model's URI and
+its registered version.
 
     python -m flows.summary [--config FILE ...] [key.sub=value ...]    # same arguments as flows/eqface.py
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from flows.eqface import parse_args
-from flows.tracking import TAG_FINAL_MODEL, FlowTracker
+from flows.tracking import TAG_FINAL_MODEL, TAG_REGISTERED_MODEL, FlowTracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow UI:       {uri}/#/experiments/{tracker.experiment_id}/runs/{run.info.run_id}")
     print(f"parent run id:   {run.info.run_id}  ({run.info.status})")
     print(f"final model URI: {run.data.tags.get(TAG_FINAL_MODEL, '(not logged yet)')}")
+    print(f"registered as:   {run.data.tags.get(TAG_REGISTERED_MODEL, '(not registered yet)')}")
     return 0
 
 

@@ -18,10 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-import mlflow.pytorch
 import requests
-import torch
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -40,6 +37,7 @@ TAG_LOOP = "eqface.loop"
 TAG_COMPLETE = "eqface.complete"
 TAG_CHECKPOINT = "eqface.checkpoint_uri"
 TAG_FINAL_MODEL = "eqface.final_model_uri"
+TAG_REGISTERED_MODEL = "eqface.registered_model_uri"  # models:/<tracking.registered_model>/<version>
 TAG_LAST_GOOD = "eqface.last_good_checkpoint"  # a diverged step's latest checkpoint with finite weights
 PARENT = "mlflow.parentRunId"
 # How long marking a failed run waits for MLflow (it may be the reason the step failed).
@@ -210,14 +208,14 @@ class FlowTracker:
     def _log_params(self, run_id: str) -> None:
         log_params(self.client, run_id, self.cfg.flat())
 
-    def _call(self, what: str, fn, *args, timeout_s: float | None = 30.0, **kwargs):
+    def call(self, what: str, fn, *args, timeout_s: float | None = 30.0, **kwargs):
         """fn(*args, **kwargs) against MLflow, riding out an outage of up to tracking.max_outage_s."""
         return call_with_retries(what, lambda: fn(*args, **kwargs), self.uri, self.max_outage_s, timeout_s)
 
     # -- child runs -------------------------------------------------------------------------------
     def step_run(self, step: PlannedStep) -> StepRun:
         # Retried as a whole: a run whose creation answer was lost in an outage is found by the next search.
-        return self._call(f"starting the run of step {step.index}", self._step_run, step.index, step.kind, step.loop)
+        return self.call(f"starting the run of step {step.index}", self._step_run, step.index, step.kind, step.loop)
 
     def _step_run(self, index: int, kind: StepKind, loop: int) -> StepRun:
         runs = self.client.search_runs(
@@ -245,16 +243,16 @@ class FlowTracker:
                       artifacts: dict[str, bytes]) -> None:
         what = f"completing the step run {run_id}"
         now = int(time.time() * 1000)  # fixed before any retry: a re-sent metric is the same row, not a new one
-        run = self._call(what, self.client.get_run, run_id)
+        run = self.call(what, self.client.get_run, run_id)
         final_step = StepKind(int(run.data.tags[TAG_KIND])).settings(self.cfg).epochs
-        self._call(what, self.client.log_batch, run_id, metrics=[
+        self.call(what, self.client.log_batch, run_id, metrics=[
             Metric(k, float(v), now, final_step) for k, v in metrics.items() if v == v  # NaN: not logged
         ])
-        self._call(what, self.log_artifacts, run_id, artifacts, "plots")
+        self.call(what, self.log_artifacts, run_id, artifacts, "plots")
         # The checkpoint URI last: a run is complete only once everything else is on it.
-        self._call(what, self.client.log_batch, run_id,
+        self.call(what, self.client.log_batch, run_id,
                    tags=[RunTag(TAG_CHECKPOINT, checkpoint_uri), RunTag(TAG_COMPLETE, "true")])
-        self._call(what, self.client.set_terminated, run_id, "FINISHED")
+        self.call(what, self.client.set_terminated, run_id, "FINISHED")
 
     def mark_last_good_checkpoint(self, run_id: str, checkpoint_uri: str) -> None:
         """Tag a failed (diverged) step's run with the checkpoint to go back to; best effort, like `fail`."""
@@ -287,33 +285,10 @@ class FlowTracker:
                 self.client.log_artifact(run_id, str(path), folder)
 
     # -- the end of the flow ----------------------------------------------------------------------
-    def log_final_model(self, net, metrics: dict[str, float]) -> str:
-        """The final EQFaceNet as an MLflow model on the parent run: loads with mlflow.pytorch.load_model."""
-        def log_model():
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=self.parent_id):
-                # Pickle + the `models` package as code: loads as the same EQFaceNet class, any batch size.
-                info = mlflow.pytorch.log_model(
-                    net.eval(), name="model", code_paths=[_models_dir()], serialization_format="pickle",
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                )
-                mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
-            return info
-
-        # A retry after an outage mid-upload logs the model again (a new model id); the tag names the one kept.
-        info = self._call("logging the final model", log_model, timeout_s=None)
-        self._call("logging the final model", self.client.set_tag, self.parent_id, TAG_FINAL_MODEL, info.model_uri)
-        self._call("logging the final model", self.client.set_terminated, self.parent_id, "FINISHED")
-        return info.model_uri
 
     def final_model_uri(self) -> str | None:
-        run = self._call("reading the flow's run", self.client.get_run, self.parent_id)
+        run = self.call("reading the flow's run", self.client.get_run, self.parent_id)
         return run.data.tags.get(TAG_FINAL_MODEL)
-
-
-def _models_dir() -> str:
-    """The `models` package travels with the MLflow model, so it loads without this repository."""
-    return str(Path(__file__).resolve().parents[1] / "models")
 
 
 class EpochLogger:

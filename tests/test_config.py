@@ -57,6 +57,8 @@ def test_flat_params_round_trip_through_dict():
         (["data.augment.crop_scale_min=0"], "crop_scale_min must be in (0, 1]"),
         (["model.width_mult=null"], "model.width_mult is missing a value"),
         (["nonsense"], "expected key.sub=value"),
+        (["tracking.registered_model=team/eqface"], "tracking.registered_model: must be a name of letters"),
+        (["tracking.registered_model=''"], "tracking.registered_model: must be a name of letters"),
     ],
 )
 def test_bad_config_gives_one_clear_line(overrides, message):

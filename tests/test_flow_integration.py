@@ -1,8 +1,8 @@
 """The flow end to end: `ray job submit` against a real Ray head and a real MLflow server.
 
 Tiny config (configs/tiny.yaml), 2 DDP workers. Asserts the MLflow run tree, its metrics and
-artifacts, checkpoints that load, the frozen backbone of step 2, the final MLflow model, and that
-a re-submit skips every finished step without creating runs.
+artifacts, checkpoints that load, the frozen backbone of step 2, the final MLflow model (a registered
+pyfunc), and that a re-submit skips every finished step without creating runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from mlflow.tracking import MlflowClient
 
 from flows import checkpoints
 from flows.config import Config
-from flows.tracking import TAG_CHECKPOINT, TAG_COMPLETE, TAG_FINAL_MODEL, TAG_FLOW, TAG_KIND, TAG_LOOP
+from flows.tracking import (
+    TAG_CHECKPOINT,
+    TAG_COMPLETE,
+    TAG_FINAL_MODEL,
+    TAG_FLOW,
+    TAG_KIND,
+    TAG_LOOP,
+    TAG_REGISTERED_MODEL,
+)
 from tests.conftest import submit_flow
 
 pytestmark = pytest.mark.integration
@@ -111,17 +119,36 @@ def test_checkpoints_load_and_step2_keeps_the_backbone_bit_identical(flow):
     assert not all(torch.equal(step2["quality"][k], step1["quality"][k]) for k in step1["quality"])
 
 
-def test_final_model_loads_from_mlflow_and_gives_embedding_and_quality(flow):
-    import mlflow.pytorch
+def test_final_model_is_a_registered_pyfunc_giving_embedding_and_quality(flow):
+    import mlflow.pyfunc
+    import numpy as np
 
-    uri = flow["client"].get_run(flow["parent"].info.run_id).data.tags[TAG_FINAL_MODEL]
+    from flows.model_registry import ALIAS, TAG_METRIC, TAG_PARENT_RUN
+
+    client, parent = flow["client"], flow["client"].get_run(flow["parent"].info.run_id)
+    uri = parent.data.tags[TAG_FINAL_MODEL]
     assert uri.startswith("models:/")
-    mlflow.set_tracking_uri(flow["client"].tracking_uri)
-    model = mlflow.pytorch.load_model(uri)
-    emb, quality = model(torch.rand(3, 3, 32, 32) * 2 - 1)
-    assert emb.shape == (3, 32)
-    assert quality.shape == (3,) and bool(((quality >= 0) & (quality <= 1)).all())
+    mlflow.set_tracking_uri(client.tracking_uri)
+    out = mlflow.pyfunc.load_model(uri).predict(np.random.default_rng(0).random((3, 3, 32, 32), np.float32) * 2 - 1)
+    assert out["embedding"].shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
+    assert out["quality"].shape == (3,) and bool(((out["quality"] >= 0) & (out["quality"] <= 1)).all())
     assert f"final model URI:  {uri}" in flow["stdout"]
+
+    # Registered under tracking.registered_model (default eqface): this flow's version, tagged; the alias
+    # names the newest version (other flows of this test session register under the same name).
+    registered = parent.data.tags[TAG_REGISTERED_MODEL]
+    name, version = registered.removeprefix("models:/").split("/")
+    assert name == "eqface"
+    mv = client.get_model_version(name, version)
+    assert mv.source == uri and mv.run_id == parent.info.run_id
+    assert mv.tags[TAG_FLOW] == parent.data.tags[TAG_FLOW] and mv.tags[TAG_PARENT_RUN] == parent.info.run_id
+    final_step = flow["children"][-1]
+    assert float(mv.tags[f"{TAG_METRIC}val_acc"]) == pytest.approx(final_step.data.metrics["val_acc"], rel=1e-5)
+    newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    assert client.get_model_version_by_alias(name, ALIAS).version == str(newest)
+    net = checkpoints.load_net_from(registered)
+    assert checkpoints.load_net_from(uri).state_dict().keys() == net.state_dict().keys()
 
 
 def test_resubmit_skips_finished_steps_and_creates_no_runs(flow, stack):

@@ -223,7 +223,7 @@ def test_bad_index_property_and_empty_pack(tmp_path):
         convert_recordio(prefix, str(tmp_path / "ds"), opts=OPTS)
     Path(f"{prefix}.idx").unlink()
     (tmp_path / "property").write_text("three,8,8")
-    with pytest.raises(DatasetError, match=r"property: expected 'num_classes,height,width'"):
+    with pytest.raises(DatasetError, match=r"property: line 1: expected 'num_classes,height,width'"):
         convert_recordio(prefix, str(tmp_path / "ds"), opts=OPTS)
     Path(f"{prefix}.rec").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"train\.rec: empty file"):
