@@ -1,4 +1,9 @@
-"""Training-time image augmentation with PIL + numpy (no torchvision here)."""
+"""Training-time image augmentation with PIL + numpy (no torchvision here).
+
+Besides flips and crops: the EQFace authors' JPEG and down/up rescaling, and the degradations of
+data/degrade.py (blur, noise, low resolution, occlusion, JPEG at a random severity), so that on a small
+real-face set some photos of every identity stay hard to recognise while the good ones remain the majority.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from data.degrade import DEGRADATION_KINDS, degrade
+
 
 @dataclass
 class AugmentConfig:
@@ -18,19 +25,34 @@ class AugmentConfig:
     jpeg_quality: tuple[int, int] = (40, 90)
     rescale_prob: float = 0.0
     rescale_min: float = 0.3  # down-then-up scaling, factor drawn from [rescale_min, 1]
+    # A degradation of data/degrade.py, kind drawn from degrade_kinds, severity from (0, degrade_max].
+    degrade_prob: float = 0.0
+    degrade_kinds: tuple[str, ...] = DEGRADATION_KINDS
+    degrade_max: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if not 0.0 < self.rescale_min <= 1.0:
             raise ValueError(f"rescale_min must be in (0, 1], got {self.rescale_min}")
-        for name in ("jpeg_prob", "rescale_prob"):
+        for name in ("jpeg_prob", "rescale_prob", "degrade_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.jpeg_quality
         if not 1 <= lo <= hi <= 100:
             raise ValueError(f"jpeg_quality must satisfy 1 <= lo <= hi <= 100, got {self.jpeg_quality}")
         self.jpeg_quality = (int(lo), int(hi))
+        unknown = sorted(set(self.degrade_kinds) - set(DEGRADATION_KINDS))
+        if unknown or not self.degrade_kinds:
+            raise ValueError(f"degrade_kinds must be some of {', '.join(DEGRADATION_KINDS)}, got "
+                             f"{list(self.degrade_kinds)}")
+        self.degrade_kinds = tuple(self.degrade_kinds)
+        if not 0.0 < self.degrade_max <= 1.0:
+            raise ValueError(f"degrade_max must be in (0, 1], got {self.degrade_max}")
+
+    def degraded_fraction(self) -> float:
+        """The share of each identity's training images that get some degradation (JPEG, rescale or data/degrade.py)."""
+        return 1 - (1 - self.degrade_prob) * (1 - self.jpeg_prob) * (1 - self.rescale_prob)
 
 
 def random_resized_crop(img: Image.Image, scale_min: float, rng: np.random.Generator) -> Image.Image:
@@ -59,12 +81,15 @@ def down_up_rescale(img: Image.Image, factor: float) -> Image.Image:
 
 
 def augment_image(img: Image.Image, cfg: AugmentConfig, rng: np.random.Generator) -> Image.Image:
-    """Apply flip, crop, rescale and JPEG in that order; output has the input's size and mode RGB."""
+    """Apply flip, crop, degradation, rescale and JPEG in that order; output has the input's size and mode RGB."""
     img = img.convert("RGB")
     if cfg.hflip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if cfg.crop_scale_min < 1.0:
         img = random_resized_crop(img, cfg.crop_scale_min, rng)
+    if cfg.degrade_prob > 0 and rng.random() < cfg.degrade_prob:
+        kind = cfg.degrade_kinds[int(rng.integers(len(cfg.degrade_kinds)))]
+        img = degrade(img, cfg.degrade_max * (1.0 - rng.random()), kind, rng)
     if cfg.rescale_prob > 0 and rng.random() < cfg.rescale_prob:
         img = down_up_rescale(img, rng.uniform(cfg.rescale_min, 1.0))
     if cfg.jpeg_prob > 0 and rng.random() < cfg.jpeg_prob:

@@ -214,7 +214,7 @@ def dataset_error_from(exc: BaseException) -> DatasetError | None:
     return None if message is None else DatasetError(message)
 
 
-def read_row_groups(uri: str) -> ray.data.Dataset:
+def read_row_groups(uri: str, rows: dict[str, np.ndarray] | None = None) -> ray.data.Dataset:
     """The dataset's rows as a Ray Dataset whose unit of work is one Parquet row group, not one shard.
 
     `ray.data.read_parquet` makes one read task per file, and the decode map fused with it then decodes a
@@ -223,9 +223,9 @@ def read_row_groups(uri: str) -> ray.data.Dataset:
     set was decoded). Row groups (data.shards.ROW_GROUP_BYTES) are small enough to spread over every CPU and
     to stream. Rows carry "path" (the shard, as read_parquet's include_paths gives it) and "row" (the row in
     that shard), so errors name the exact row. Tasks get URIs, never a filesystem object: S3 credentials
-    stay in the environment, out of task specs.
+    stay in the environment, out of task specs. `rows`: shard URI -> the rows to read (a part of a
+    data.splits.DatasetSplit); every row by default.
     """
-
     read_manifest(uri)  # a clear error for a missing or unfinished dataset, before any task runs
     units = []
     for shard in shard_uris(uri):
@@ -233,20 +233,30 @@ def read_row_groups(uri: str) -> ray.data.Dataset:
         metadata = pq.read_metadata(path, filesystem=fs)
         first = 0
         for group in range(metadata.num_row_groups):
-            units.append({"shard": shard, "row_group": group, "first_row": first})
-            first += metadata.row_group(group).num_rows
+            size = metadata.row_group(group).num_rows
+            unit = {"shard": shard, "row_group": group, "first_row": first, "take": []}
+            if rows is not None:
+                wanted = rows[shard]
+                unit["take"] = (wanted[(wanted >= first) & (wanted < first + size)] - first).tolist()
+            if rows is None or unit["take"]:
+                units.append(unit)
+            first += size
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         _read_row_group, batch_size=1, batch_format="numpy")
 
 
 def _read_row_group(unit: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     shard, group, first = str(unit["shard"][0]), int(unit["row_group"][0]), int(unit["first_row"][0])
+    take = np.asarray(unit["take"][0], dtype=np.int64)  # empty: the whole row group
     fs, path = storage.resolve(shard)
     with fs.open_input_file(path) as f:
         table = pq.ParquetFile(f).read_row_group(group)
+    index = take if take.size else np.arange(table.num_rows)
+    if take.size:
+        table = table.take(take)
     batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     batch["path"] = np.full(table.num_rows, path, dtype=object)
-    batch["row"] = np.arange(first, first + table.num_rows, dtype=np.int64)
+    batch["row"] = first + index
     return batch
 
 
@@ -260,6 +270,7 @@ def training_dataset(
     batch_size: int | None = None,
     augment_per_epoch: bool = True,
     tally: Any = None,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> ray.data.Dataset:
     """Ray Dataset of decoded (and augmented) batches, read from the shards listed in the manifest.
 
@@ -268,7 +279,8 @@ def training_dataset(
     worker calls `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...,
     local_shuffle_buffer_size=..., local_shuffle_seed=seed + epoch)`.
     Errors name the shard and row. tally: a `corrupt_row_tally()` actor that collects the rows skipped with
-    skip_corrupt=True (each Ray Data task only knows its own).
+    skip_corrupt=True (each Ray Data task only knows its own). rows: only these rows of each shard (see
+    `read_row_groups`).
 
     batch_size None (the default) decodes one row group per task. The decode map is fused with the row-group
     read, and Ray Data bundles a fused task's *input* rows up to the batch size: those rows are row-group
@@ -276,7 +288,7 @@ def training_dataset(
     (measured: the default set decoded in one task on one core, its first batch only after all 4,000
     images). A number groups that many row groups per task.
     """
-    ds = read_row_groups(uri)  # with "path" and "row" columns: a bad row is named by its shard and row
+    ds = read_row_groups(uri, rows)  # with "path" and "row" columns: a bad row is named by its shard and row
     return ds.map_batches(
         decode_batch if tally is None else _decode_and_tally,
         batch_size=batch_size,

@@ -257,7 +257,7 @@ def write_dataset(
 
     try:
         manifest = _write_shards(staging, rows, label_to_identity, image_size, target_shard_bytes,
-                                 source_desc)
+                                 source_desc, shown_as=uri)
         storage.write_bytes_atomic(storage.join(staging, MANIFEST_NAME), manifest.to_json().encode())
         if staging != uri:
             _commit(staging, uri)
@@ -275,7 +275,8 @@ def _remove_partial(uri: str) -> None:
 
 
 def _write_shards(staging: str, rows: Iterable[dict[str, Any]], label_to_identity: list[str],
-                  image_size: list[int] | None, target_shard_bytes: int, source_desc: str) -> Manifest:
+                  image_size: list[int] | None, target_shard_bytes: int, source_desc: str,
+                  shown_as: str) -> Manifest:
     num_classes = len(label_to_identity)
     writer: _ShardWriter | None = None
     schema: pa.Schema | None = None
@@ -286,16 +287,16 @@ def _write_shards(staging: str, rows: Iterable[dict[str, Any]], label_to_identit
     try:
         for index, row in enumerate(rows):
             if schema is None:
-                schema = _schema_from_first_row(row, staging)
+                schema = _schema_from_first_row(row, shown_as)
                 writer = _ShardWriter(staging, schema, target_shard_bytes)
-            _check_row(row, index, schema, label_to_identity, staging)
+            _check_row(row, index, schema, label_to_identity, shown_as)
             if detect_size and len(sizes_seen) <= 1:
                 sizes_seen.add(_image_size_of(row["image"]) or (-1, -1))
             label_counts[row["label"]] += 1
             writer.add(row)
             count += 1
         if writer is None:
-            raise DatasetError(f"{staging}: no rows to write")
+            raise DatasetError(f"{shown_as}: no rows to write")
         shards = writer.finish()
     except BaseException:
         if writer is not None:
@@ -303,7 +304,7 @@ def _write_shards(staging: str, rows: Iterable[dict[str, Any]], label_to_identit
         raise
     missing = np.flatnonzero(label_counts == 0)
     if len(missing):
-        raise DatasetError(f"{staging}: labels {missing[:10].tolist()} have no samples "
+        raise DatasetError(f"{shown_as}: labels {missing[:10].tolist()} have no samples "
                            f"(labels must be contiguous 0..{num_classes - 1})")
     if detect_size:
         only = next(iter(sizes_seen)) if len(sizes_seen) == 1 else (-1, -1)

@@ -27,9 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from data import storage
+from data.degrade import DEGRADERS, jpeg_quality_for
 from data.shards import DatasetError, read_manifest, write_dataset
 
 GENERATOR_VERSION = 3  # bump when rendering changes so cached datasets are regenerated
@@ -441,61 +442,6 @@ def render_face(ident: IdentityParams, var: SampleParams, image_size: int,
 # ------------------------------------------------------------------------------------------- degradation
 
 
-def _blur(img: Image.Image, d: float, rng: np.random.Generator) -> Image.Image:
-    radius = (0.3 + 5.5 * d ** 1.2) * img.width / 56
-    return img.filter(ImageFilter.GaussianBlur(radius))
-
-
-def _noise(img: Image.Image, d: float, rng: np.random.Generator) -> Image.Image:
-    x = np.asarray(img, dtype=np.float32)
-    # low light: contrast drops as noise rises, like a sensor pushed to high gain
-    mean = x.mean()
-    x = mean + (x - mean) * (1 - 0.55 * d)
-    x = x + rng.normal(0, 3 + 100 * d ** 1.3, x.shape)
-    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
-
-
-def _lowres(img: Image.Image, d: float, rng: np.random.Generator) -> Image.Image:
-    side = max(3, round(img.width * (4 / 56) ** d))  # geometric: 56 px -> 15 px at d=0.5 -> 4 px at d=1
-    small = img.resize((side, side), Image.BOX)
-    return small.resize(img.size, Image.BILINEAR if rng.random() < 0.5 else Image.NEAREST)
-
-
-def _occlusion(img: Image.Image, d: float, rng: np.random.Generator) -> Image.Image:
-    S = img.width
-    out = img.copy()
-    draw = ImageDraw.Draw(out)
-    covered = 0.85 * d  # fraction of the face box to hide
-    face = (0.2 * S, 0.15 * S, 0.8 * S, 0.9 * S)
-    fw, fh = face[2] - face[0], face[3] - face[1]
-    n = 1 + int(rng.integers(0, 3))
-    for _ in range(n):
-        area = covered / n * fw * fh * 1.3
-        aspect = rng.uniform(0.5, 2.0)
-        w, h = min(S, math.sqrt(area * aspect)), min(S, math.sqrt(area / aspect))
-        x0 = rng.uniform(face[0] - w * 0.3, face[2] - w * 0.7)
-        y0 = rng.uniform(face[1] - h * 0.3, face[3] - h * 0.7)
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
-        else:
-            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
-    return out
-
-
-def jpeg_quality_for(d: float) -> int:
-    return max(1, round(92 * (1 / 92) ** d))  # geometric: q 58 at d=0.1, 10 at d=0.5, 1 at d=1
-
-
-def _jpeg(img: Image.Image, d: float, rng: np.random.Generator) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=jpeg_quality_for(d))
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
-_DEGRADERS = {"blur": _blur, "noise": _noise, "lowres": _lowres, "occlusion": _occlusion, "jpeg": _jpeg}
-
-
 def _bad_exposure(img: Image.Image, d: float, rng: np.random.Generator) -> Image.Image:
     """Poor captures also get contrast loss, colour casts and exposure errors; negligible at small d."""
     s = d * d
@@ -515,11 +461,11 @@ def degrade(img: Image.Image, d: float, kind: str,
     if kind == "mixed":
         kinds = list(rng.choice(["blur", "noise", "lowres", "occlusion"], size=2, replace=False))
         for k in kinds:
-            img = _DEGRADERS[k](img, d * rng.uniform(0.75, 1.0), rng)
+            img = DEGRADERS[k](img, d * rng.uniform(0.75, 1.0), rng)
         return img, jpeg_quality_for(d * 0.8)
     if kind == "jpeg":
         return img, jpeg_quality_for(d)  # encoded once, at the final quality
-    return _DEGRADERS[kind](img, d, rng), None
+    return DEGRADERS[kind](img, d, rng), None
 
 
 def encode(img: Image.Image, jpeg_quality: int | None) -> bytes:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from evaluation.verification import as_numpy, check_embeddings, check_finite, l2_normalize
 
@@ -199,3 +200,20 @@ def stochastic_embed_fn_from_module(model: nn.Module, p: float | None = None) ->
         return emb.detach().float().cpu().numpy()
 
     return embed
+
+
+SERFIQ_PASSES = 10
+SERFIQ_DROPOUT = 0.5  # the rate of the SER-FIQ paper, used when the model's own dropout is 0
+
+
+def serfiq_scores(net: nn.Module, images: np.ndarray, batch_size: int = 64, progress: bool = False,
+                  seed: int = 0) -> np.ndarray:
+    """SER-FIQ quality of each image for a face model (`net(x)[0]` is the embedding): SERFIQ_PASSES dropout
+    subnetworks, at the model's own dropout rate or SERFIQ_DROPOUT where that is 0."""
+    rate = None if any(m.p > 0 for m in _dropout_layers(net)) else SERFIQ_DROPOUT
+    embed_fn = stochastic_embed_fn_from_module(net, p=rate)
+    return np.concatenate([
+        serfiq_quality(embed_fn, torch.from_numpy(images[start:start + batch_size]), m=SERFIQ_PASSES,
+                       seed=seed + start)
+        for start in tqdm(range(0, len(images), batch_size), desc="SER-FIQ", unit="batch", disable=not progress)
+    ])

@@ -124,3 +124,31 @@ def plot_quality_grid(
     if title:
         fig.suptitle(title)
     return _png(fig, path)
+
+
+def plot_quality_by_degradation(
+    degradation: np.ndarray,
+    quality: np.ndarray,
+    kinds: np.ndarray | None = None,
+    path: str | Path | None = None,
+    title: str | None = None,
+) -> bytes:
+    """Mean quality (with its spread) at each ground-truth severity, one line per degradation kind."""
+    degradation, quality = as_numpy(degradation, "degradation"), as_numpy(quality, "quality")
+    kinds = np.full(degradation.shape, "all", dtype=object) if kinds is None else np.asarray(kinds, dtype=object)
+    clean = degradation == 0
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot()
+    for kind in sorted(set(kinds[~clean].tolist())):
+        rows = clean | (kinds == kind)
+        levels = np.unique(degradation[rows])
+        means = [quality[rows & (degradation == d)].mean() for d in levels]
+        spread = [quality[rows & (degradation == d)].std() for d in levels]
+        ax.errorbar(levels, means, yerr=spread, marker="o", capsize=3, label=str(kind))
+    ax.set_xlabel("degradation severity (0 = clean)")
+    ax.set_ylabel("quality")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _png(fig, path)

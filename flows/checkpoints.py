@@ -11,10 +11,12 @@ A checkpoint is addressed by a URI (local path or s3://...), which is what MLflo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,28 +120,41 @@ def save_centres(head: torch.nn.Module, directory: Path) -> None:
     save_sharded_centres(head, directory)
 
 
-def load_centres(checkpoint, head: torch.nn.Module) -> None:
-    """Fill a full or sharded head with its rows, whatever number of workers wrote the checkpoint."""
-
-    with checkpoint.as_directory() as d:
-        load_sharded_centres(head, d)
+@contextlib.contextmanager
+def local_directory(checkpoint: Checkpoint) -> Iterator[Path]:
+    """The checkpoint's files on this machine. A remote one is downloaded into a directory of this process's
+    own: Ray's shared download (`Checkpoint.as_directory`) lets a second process on the same machine download
+    again over files the first is still reading, which then reads a torn file (two Ray nodes on one host)."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with temp_dir() as d:
+        yield Path(checkpoint.to_directory(d))
 
 
 def read_meta(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return json.loads((Path(d) / META_FILE).read_text())
+    with local_directory(checkpoint) as d:
+        return json.loads((d / META_FILE).read_text())
 
 
 def load_state(checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as d:
-        return load_weights(Path(d) / STATE_FILE)  # tensors and plain data only: never code
+    with local_directory(checkpoint) as d:
+        return load_weights(d / STATE_FILE)  # tensors and plain data only: never code
+
+
+def load_state_and_centres(checkpoint, head: torch.nn.Module) -> dict[str, Any]:
+    """load_state, and the head filled with its class rows (full or sharded, whatever number of workers wrote
+    them), from one download of the checkpoint."""
+    with local_directory(checkpoint) as d:
+        load_sharded_centres(head, d)
+        return load_weights(d / STATE_FILE)
 
 
 def load_net(checkpoint):
     """The EQFaceNet (backbone + quality branch) of a checkpoint, on CPU, in eval mode."""
 
-    with checkpoint.as_directory() as d:
-        net = load_eqface_net(Path(d) / NET_FILE)
+    with local_directory(checkpoint) as d:
+        net = load_eqface_net(d / NET_FILE)
     return net.eval()
 
 

@@ -71,6 +71,10 @@ class DataConfig(Section):
     train: str = "synthetic"
     # Held-out split for validation; derived automatically for "synthetic".
     val: str | None = None
+    # More held-out sets of people never seen in training, by name (metrics `<name>/...`): a set with a
+    # `degradation` column gets the quality's Spearman correlation with it (per `degradation_type` too), a set
+    # with several photos per person gets error-versus-discard curves on its genuine and impostor pairs.
+    eval_sets: dict[str, str] = field(default_factory=dict)
     # Where the synthetic set is cached (local path or s3://).
     cache_root: str = "~/.cache/eqface/datasets"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -79,6 +83,10 @@ class DataConfig(Section):
     # Default is to stop at the first corrupt image; True drops and counts them instead.
     skip_corrupt: bool = False
     shuffle_buffer: int = 2048
+    # Of each identity's photos (those with at least 2), the fraction the quality steps (2) learn from and the
+    # backbone steps (1, 3) never see: on a small set the backbone fits every photo it trains on, and step 2 on
+    # those photos drives every quality towards 1. 0: every step reads every photo, as in the paper.
+    quality_holdout: float = 0.0
     # Bit-reproducible input (off by default: it costs ingest throughput): Ray Data keeps its block order and
     # each row gets the same augmentation every epoch. With scaling.num_workers 1 and a fixed
     # scaling.threads_per_worker, a step's weights are then the same run after run, and after a restart from a
@@ -89,6 +97,17 @@ class DataConfig(Section):
         self.check(self.image_size >= 16, "image_size", f"must be >= 16 (e.g. 112, 64, 56), got {self.image_size}")
         if self.train != "synthetic":
             self.check(bool(self.val), "val", "a held-out dataset URI is required when data.train is a URI")
+        for name, uri in self.eval_sets.items():
+            self.check(bool(name) and "/" not in name and bool(uri), f"eval_sets.{name}",
+                       "needs a name without '/' and a dataset URI")
+        self.check(0.0 <= self.quality_holdout < 1.0, "quality_holdout",
+                   f"must be in [0, 1), got {self.quality_holdout}")
+        degraded = self.augment.degraded_fraction()
+        # EQFace learns quality without labels because most photos of an identity are good ones.
+        self.check(degraded <= 0.5, "augment",
+                   f"degrade_prob {self.augment.degrade_prob}, jpeg_prob {self.augment.jpeg_prob} and rescale_prob "
+                   f"{self.augment.rescale_prob} degrade {degraded:.0%} of each identity's training images, leaving "
+                   f"more degraded than clean ones; keep it at most 50%")
 
 
 @dataclass
@@ -191,6 +210,19 @@ class Step2Config(StepConfig):
     # Paper: class centres stay fixed while the quality branch learns. The authors' public code also
     # trains them; this switch does the same.
     train_centres: bool = False
+    # The collapse guard, after every step 2: held-out quality whose spread is under collapse_std, or whose 5th
+    # percentile is over collapse_p05 (every face nearly the same quality, e.g. all close to 1), fails the
+    # step ("fail") or warns loudly ("warn"); the step's run is tagged eqface.quality_collapsed either way.
+    collapse_std: float = 0.02
+    collapse_p05: float = 0.98
+    on_collapse: str = "fail"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.collapse_std >= 0, "collapse_std", f"must be >= 0, got {self.collapse_std}")
+        self.check(0 < self.collapse_p05 <= 1, "collapse_p05", f"must be in (0, 1], got {self.collapse_p05}")
+        self.check(self.on_collapse in ("fail", "warn"), "on_collapse",
+                   f"must be 'fail' or 'warn', got {self.on_collapse!r}")
 
 
 @dataclass
@@ -418,10 +450,18 @@ def _coerce(hint: Any, value: Any, key: str, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key, where)
+    if origin is tuple and args[-1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, key, where) for v in value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: {key} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(a, v, key, where) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", where) for k, v in value.items()}
     if value is None:
         raise ConfigError(f"{where}: {key} is missing a value (null given; expected {hint.__name__})")
     if hint is bool:

@@ -87,21 +87,51 @@ def completed_checkpoint(tracker: FlowTracker, step: PlannedStep, run):
 
 
 def complete_step(cfg: Config, tracker: FlowTracker, spec: StepSpec, data: Datasets, ckpt, run_id: str):
-    """Held-out metrics and plots of a trained step onto its run, which is then complete; returns the metrics."""
+    """Held-out metrics and plots of a trained step onto its run, which is then complete; returns the metrics.
+    A quality step whose held-out quality collapsed is tagged, and fails unless step2.on_collapse is "warn"."""
     metrics, artifacts = validate_step(cfg, spec, data, ckpt)
+    collapsed = quality_collapse(cfg, spec, metrics)
+    if collapsed is not None:
+        tracker.mark_quality_collapsed(run_id, collapsed)
+        if spec.kind.settings(cfg).on_collapse == "fail":
+            tracker.log_figures(run_id, metrics, artifacts)  # the figures stay on the failed run
+            raise QualityCollapsedError(f"{collapsed} (step2.on_collapse=warn lets the flow go on)")
+        print(f"[eqface] WARNING: {collapsed}; the flow goes on (step2.on_collapse=warn)", flush=True)
     tracker.complete_step(run_id, checkpoints.checkpoint_uri(ckpt), metrics, artifacts)
     print(f"[eqface] step {spec.step.index} done: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())),
           flush=True)
     return metrics
 
 
+class QualityCollapsedError(RuntimeError):
+    """Every held-out face got nearly the same quality after a quality step (the collapse guard)."""
+
+
+def quality_collapse(cfg: Config, spec: StepSpec, metrics: dict[str, float]) -> str | None:
+    """One line with the figures when a step that learnt quality left it collapsed on `data.val`, else None."""
+    if not spec.kind.learns_quality or "val_quality_std" not in metrics:
+        return None
+    settings = spec.kind.settings(cfg)
+    std, p05 = metrics["val_quality_std"], metrics["val_quality_p05"]
+    tripped = []
+    if std < settings.collapse_std:
+        tripped.append(f"std {std:.4f} under {settings.KEY}.collapse_std={settings.collapse_std:g}")
+    if p05 > settings.collapse_p05:
+        tripped.append(f"5th percentile {p05:.4f} over {settings.KEY}.collapse_p05={settings.collapse_p05:g}")
+    if not tripped:
+        return None
+    return (f"{spec.name}: the quality collapsed on the held-out set ({', '.join(tripped)}): "
+            f"every face gets nearly the same quality")
+
+
 def validate_step(cfg: Config, spec: StepSpec, data: Datasets, ckpt):
     """Held-out metrics as a Ray task: it lands where there is CPU, not on the driver's node by force."""
-    if not data.val:
+    if not data.val and not data.eval_sets:
         return {}, {}
     quality_ckpt = spec.kind.quality_from(own=ckpt, teacher=spec.teacher_checkpoint)
     task = ray.remote(num_cpus=cfg.scaling.cpus_per_worker)(validate_checkpoints)
-    return ray.get(task.remote(ckpt, quality_ckpt, data.val, cfg.data.image_size, cfg.flow.seed))
+    return ray.get(task.remote(ckpt, quality_ckpt, data.val, cfg.data.image_size, cfg.flow.seed,
+                               eval_sets=data.eval_sets))
 
 
 def fail_step(tracker: FlowTracker, step: PlannedStep, run_id: str, exc: BaseException) -> None:
@@ -142,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report_failure(exc: Exception) -> int:
     """The flow's exit status and last line for a failure: bad data 2, anything else 1."""
-    if isinstance(exc, (NonFiniteLossError, CheckpointStorageError)):  # the workers' logs hold the rest
+    if isinstance(exc, (NonFiniteLossError, CheckpointStorageError, QualityCollapsedError)):  # one line says it
         print(f"eqface: error: {exc}", file=sys.stderr)
         return 1
     outage = remote_error_message(exc, TrackingOutageError)  # raised in a worker: Ray keeps only its text

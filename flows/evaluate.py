@@ -27,18 +27,17 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from data import storage
 from data.pairs import IMAGES_DIR, pairs_from_dataset, read_pairs_dataset, read_pairs_table
 from data.pipeline import decode_image, normalise
 from data.shards import DatasetError, read_manifest, shard_uris
 from evaluation.baselines import (
+    SERFIQ_PASSES,
     feature_norm_quality,
     laplacian_variance,
     random_quality,
-    serfiq_quality,
-    stochastic_embed_fn_from_module,
+    serfiq_scores,
 )
 from evaluation.plots import plot_erc, plot_quality_grid, plot_quality_histogram, plot_roc
 from evaluation.quality_assessment import (
@@ -56,8 +55,6 @@ from flows.checkpoints import load_net_from
 from flows.tracking import check_reachable
 
 DEFAULT_IMAGE_SIZE = 112
-SERFIQ_PASSES = 10
-SERFIQ_DROPOUT = 0.5  # the rate of the SER-FIQ paper, used when the model's own dropout is 0
 
 
 class ModelLoadError(RuntimeError):
@@ -92,25 +89,6 @@ def load_model(spec: str, image_size: int | None = None) -> tuple[torch.nn.Modul
             f"which takes {arch_size} x {arch_size} images"
         )
     return net.eval(), int(image_size or arch_size or DEFAULT_IMAGE_SIZE)
-
-
-def serfiq_scores(
-    net: torch.nn.Module, images: np.ndarray, batch_size: int = 64, progress: bool = True
-) -> np.ndarray:
-    """SER-FIQ quality per image: embedding stability over SERFIQ_PASSES dropout subnetworks."""
-
-
-    rate = None if any(m.p > 0 for m in net.modules() if isinstance(m, torch.nn.Dropout)) else SERFIQ_DROPOUT
-    embed_fn = stochastic_embed_fn_from_module(net, p=rate)
-    out = [
-        serfiq_quality(
-            embed_fn, torch.from_numpy(images[start : start + batch_size]), m=SERFIQ_PASSES, seed=start
-        )
-        for start in tqdm(
-            range(0, len(images), batch_size), desc="SER-FIQ", unit="batch", disable=not progress
-        )
-    ]
-    return np.concatenate(out)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -8,6 +8,8 @@ GPUs, more CPUs than there are). Ray Train would wait for such resources forever
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ray
 from mlflow.tracking import MlflowClient
 
@@ -19,19 +21,21 @@ from infra.ray_private import max_resources_from_cluster_config
 RAY_DATA_CPUS = 1.0
 
 
-def check_data_fits(cfg: Config, num_classes: int, num_train: int) -> None:
-    """The scaling against the training set: every worker gets a full batch per epoch, and a sharded head
-    at least one class per worker."""
+def check_data_fits(cfg: Config, num_classes: int, num_train: int | Callable[[str], int]) -> None:
+    """The scaling against the training set: every worker gets a full batch per epoch of every step (of the
+    part of the set its kind reads: `num_train` may be `Datasets.size`), and a sharded head at least one class
+    per worker."""
     n = cfg.scaling.num_workers
     if cfg.model.head == "sharded" and n > num_classes:
         raise ConfigError(f"model.head: sharded over scaling.num_workers={n} needs at least {n} classes; the "
                           f"training set has {num_classes} (use fewer workers or model.head: full)")
-    kinds = sorted({step.kind for step in training_plan(cfg.flow.loops)})
-    for kind in kinds:
-        batch = kind.settings(cfg).batch_size
-        if batch * n > num_train:
+    size = num_train if callable(num_train) else (lambda part: num_train)
+    for kind in sorted({step.kind for step in training_plan(cfg.flow.loops)}):
+        batch, images = kind.settings(cfg).batch_size, size(kind.reads)
+        if batch * n > images:
+            part = "" if images == size("all") else f" of its {kind.reads} part (data.quality_holdout)"
             raise ConfigError(f"{kind.section}.batch_size: {batch} per worker x {n} workers = {batch * n} images per "
-                              f"step, more than the {num_train} training images (an epoch would have no full "
+                              f"step, more than the {images} training images{part} (an epoch would have no full "
                               f"batch)")
 
 

@@ -11,7 +11,7 @@ import socket
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -20,7 +20,8 @@ from ray.train.torch import TorchTrainer
 
 from data import storage
 from data.pipeline import corrupt_row_tally, ingest_data_config, training_dataset
-from data.shards import validate_dataset
+from data.shards import DatasetError, validate_dataset
+from data.splits import DatasetSplit, check_training_set, split_dataset
 from data.synthetic import ensure_synthetic_dataset
 from flows import checkpoints, preflight
 from flows.config import Config
@@ -36,6 +37,12 @@ class Datasets:
     val: str | None
     num_classes: int
     num_train: int
+    split: DatasetSplit = field(default_factory=lambda: DatasetSplit(0.0, {}))  # data.quality_holdout's parts
+    eval_sets: dict[str, str] = field(default_factory=dict)  # more held-out sets, by name
+
+    def size(self, part: str) -> int:
+        """Training images in a part of the training set ("fit", "holdout", "all"; StepKind.reads)."""
+        return self.split.count(part) if self.split.fraction > 0 else self.num_train
 
 
 def prepare_datasets(cfg: Config) -> Datasets:
@@ -47,9 +54,19 @@ def prepare_datasets(cfg: Config) -> Datasets:
     else:
         train_uri, val_uri = cfg.data.train, cfg.data.val
     manifest = validate_dataset(train_uri, check_checksums=False)
-    if val_uri:  # decoded now (it is small): a bad held-out image would otherwise fail a step after training
+    # Held-out sets are decoded now (they are small): a bad image would otherwise fail a step after training.
+    if val_uri:
         validate_dataset(val_uri, check_checksums=False, decode_images=True)
-    return Datasets(train_uri, val_uri, manifest.num_classes, manifest.num_samples)
+    for name, uri in cfg.data.eval_sets.items():
+        held_out = validate_dataset(uri, check_checksums=False, decode_images=True)
+        seen = sorted(set(held_out.label_to_identity) & set(manifest.label_to_identity))
+        if seen:
+            raise DatasetError(f"data.eval_sets.{name}: {len(seen)} of its people are also in data.train "
+                               f"(e.g. {seen[0]!r}), so its figures would not be held out")
+    if cfg.data.quality_holdout <= 0:
+        check_training_set(train_uri)  # split_dataset checks the same, and more, when it holds rows back
+    split = split_dataset(train_uri, cfg.data.quality_holdout, seed=cfg.flow.seed)
+    return Datasets(train_uri, val_uri, manifest.num_classes, manifest.num_samples, split, dict(cfg.data.eval_sets))
 
 
 def start_up(cfg: Config) -> Datasets:
@@ -58,7 +75,7 @@ def start_up(cfg: Config) -> Datasets:
     that it can host the workers."""
     check_ray_address()
     data = prepare_datasets(cfg)
-    preflight.check_data_fits(cfg, data.num_classes, data.num_train)
+    preflight.check_data_fits(cfg, data.num_classes, data.size)
     ray.init()  # inside `ray job submit`: the job's cluster; otherwise $RAY_ADDRESS or a new local one
     preflight.check_cluster(cfg)  # use_gpu without GPUs etc.: one line now, not a placement wait forever
     return data
@@ -91,14 +108,14 @@ def step_trainer(cfg: Config, spec: StepSpec, data: Datasets, run_name: str, *, 
     storage_uri = storage_uri or cfg.flow.storage
     dataset = training_dataset(data.train, image_size=cfg.data.image_size, augment=cfg.data.augment,
                                seed=cfg.flow.seed + spec.step.index, skip_corrupt=cfg.data.skip_corrupt, tally=tally,
-                               augment_per_epoch=not cfg.data.deterministic)
+                               augment_per_epoch=not cfg.data.deterministic, rows=data.split.rows(spec.kind.reads))
     fs, storage_path = storage.resolve(storage_uri)
     if not storage.is_s3(storage_uri):
         os.makedirs(storage_path, exist_ok=True)
     marker = storage.join(storage_uri, run_name, DIVERGED_MARKER)
     if storage.exists(marker):  # a resumed step that diverged before: it gets its try, from its last checkpoint
         fs.delete_file(storage.resolve(marker)[1])
-    job = StepJob(cfg, spec, data.num_train, diverged_marker=marker, per_epoch_val=per_epoch_val)
+    job = StepJob(cfg, spec, data.size(spec.kind.reads), diverged_marker=marker, per_epoch_val=per_epoch_val)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

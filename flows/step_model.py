@@ -76,8 +76,8 @@ def build_step_model(cfg: Config, spec: StepSpec) -> StepModel:
     if kind.continues(cfg):
         if spec.init_checkpoint is None:
             raise ValueError(f"{spec.name}: needs the previous step's checkpoint to start from")
-        net.backbone.load_state_dict(checkpoints.load_state(spec.init_checkpoint)["backbone"])
-        checkpoints.load_centres(spec.init_checkpoint, head)
+        state = checkpoints.load_state_and_centres(spec.init_checkpoint, head)
+        net.backbone.load_state_dict(state["backbone"])
     teacher = None
     if kind.needs_teacher:
         if spec.teacher_checkpoint is None:

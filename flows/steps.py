@@ -31,23 +31,28 @@ class StepKind(IntEnum):
               "teacher" (the latest step 2's network, frozen); validation reads quality from the same net
     init      the weights it starts from: "scratch", "continue" (the previous step's backbone and centres),
               or None: the section's own `init` option (step3.init)
+    reads     the part of the training set it learns from (data/splits.py): "fit" for the backbone steps,
+              "holdout" for the quality steps; both are the whole set unless data.quality_holdout > 0
     """
 
     section: str
     learns: frozenset[str]
     quality: str
     init: str | None
+    reads: str
 
-    def __new__(cls, number: int, section: str, learns: tuple[str, ...], quality: str, init: str | None):
+    def __new__(cls, number: int, section: str, learns: tuple[str, ...], quality: str, init: str | None,
+                reads: str):
         member = int.__new__(cls, number)
         member._value_ = number
         member.section, member.learns, member.quality, member.init = section, frozenset(learns), quality, init
+        member.reads = reads
         return member
 
-    #           number  section  learns                   quality    init
-    BACKBONE = (1,      "step1", ("backbone", "centres"), "none",    "scratch")
-    QUALITY = (2,       "step2", ("quality",),            "own",     "continue")
-    REWEIGHTED = (3,    "step3", ("backbone", "centres"), "teacher", None)
+    #           number  section  learns                   quality    init        reads
+    BACKBONE = (1,      "step1", ("backbone", "centres"), "none",    "scratch",  "fit")
+    QUALITY = (2,       "step2", ("quality",),            "own",     "continue", "holdout")
+    REWEIGHTED = (3,    "step3", ("backbone", "centres"), "teacher", None,       "fit")
 
     def __str__(self) -> str:
         return str(int(self))

@@ -39,13 +39,16 @@ TAG_CHECKPOINT = "eqface.checkpoint_uri"
 TAG_FINAL_MODEL = "eqface.final_model_uri"
 TAG_REGISTERED_MODEL = "eqface.registered_model_uri"  # models:/<tracking.registered_model>/<version>
 TAG_LAST_GOOD = "eqface.last_good_checkpoint"  # a diverged step's latest checkpoint with finite weights
+TAG_COLLAPSED = "eqface.quality_collapsed"  # the collapse guard's verdict on a quality step, with its figures
 PARENT = "mlflow.parentRunId"
 # How long marking a failed run waits for MLflow (it may be the reason the step failed).
 FAIL_BUDGET_S = 10.0
 # Settings that may change between a flow and its resume without changing what it computes, and
 # data.skip_corrupt: the way on after a step stopped at a corrupt image (the skipped rows are then logged
 # as the step's `corrupt_images_skipped` metric and `eqface.skipped_rows` tag).
-RESUMABLE_CHANGES = ("scaling.", "tracking.", "flow.max_failures", "flow.checkpoints_to_keep", "data.skip_corrupt")
+# step2.on_collapse: the way on after the collapse guard stopped a flow (warn, and go on).
+RESUMABLE_CHANGES = ("scaling.", "tracking.", "flow.max_failures", "flow.checkpoints_to_keep", "data.skip_corrupt",
+                     "step2.on_collapse")
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
@@ -239,9 +242,9 @@ class FlowTracker:
         self._log_params(run.info.run_id)
         return StepRun(run.info.run_id, False, None)
 
-    def complete_step(self, run_id: str, checkpoint_uri: str, metrics: dict[str, float],
-                      artifacts: dict[str, bytes]) -> None:
-        what = f"completing the step run {run_id}"
+    def log_figures(self, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes]) -> None:
+        """A step's held-out metrics (at its last epoch) and plots."""
+        what = f"logging the held-out figures of run {run_id}"
         now = int(time.time() * 1000)  # fixed before any retry: a re-sent metric is the same row, not a new one
         run = self.call(what, self.client.get_run, run_id)
         final_step = StepKind(int(run.data.tags[TAG_KIND])).settings(self.cfg).epochs
@@ -249,9 +252,17 @@ class FlowTracker:
             Metric(k, float(v), now, final_step) for k, v in metrics.items() if v == v  # NaN: not logged
         ])
         self.call(what, self.log_artifacts, run_id, artifacts, "plots")
+
+    def mark_quality_collapsed(self, run_id: str, verdict: str) -> None:
+        self.call(f"tagging run {run_id}", self.client.set_tag, run_id, TAG_COLLAPSED, verdict[:5000])
+
+    def complete_step(self, run_id: str, checkpoint_uri: str, metrics: dict[str, float],
+                      artifacts: dict[str, bytes]) -> None:
+        what = f"completing the step run {run_id}"
+        self.log_figures(run_id, metrics, artifacts)
         # The checkpoint URI last: a run is complete only once everything else is on it.
         self.call(what, self.client.log_batch, run_id,
-                   tags=[RunTag(TAG_CHECKPOINT, checkpoint_uri), RunTag(TAG_COMPLETE, "true")])
+                  tags=[RunTag(TAG_CHECKPOINT, checkpoint_uri), RunTag(TAG_COMPLETE, "true")])
         self.call(what, self.client.set_terminated, run_id, "FINISHED")
 
     def mark_last_good_checkpoint(self, run_id: str, checkpoint_uri: str) -> None:

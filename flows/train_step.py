@@ -114,10 +114,9 @@ class StepWorker:
         it (a worker or the driver died), else from the start."""
         if resume is None:
             return 0, []
-        state = checkpoints.load_state(resume)
+        state = checkpoints.load_state_and_centres(resume, model.head)
         model.net.backbone.load_state_dict(state["backbone"])
         model.net.quality.load_state_dict(state["quality"])
-        checkpoints.load_centres(resume, model.head)
         if state.get("world_size", self.world) == self.world and state.get("head_type") == self.cfg.model.head:
             self.optimizer.load_state_dict(state["optimizer"])
         # else: the centres were resharded; momentum restarts (it is not resharded)

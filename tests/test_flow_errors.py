@@ -64,6 +64,7 @@ def mlflow_only(stack):
     assert runs_after == runs_before  # nothing tracked
 
 
+@pytest.mark.integration
 def test_unreachable_ray(mlflow_only, tmp_path):
     port = free_port()
     proc = run_flow([f"tracking.uri={mlflow_only}", f"flow.storage={tmp_path / 'runs'}"],
@@ -73,6 +74,7 @@ def test_unreachable_ray(mlflow_only, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.integration
 def test_dataset_without_shards(mlflow_only, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -23,10 +23,12 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from flows.model_registry import load_net
 from flows.tracking import TAG_COMPLETE, TAG_FINAL_MODEL, TAG_FLOW, TAG_ROLE
 from infra.stack import Stack
 from tests.conftest import submit_flow
@@ -129,7 +131,6 @@ def _runs(client: MlflowClient, name: str):
 
 @pytest.mark.integration
 def test_the_flow_tracks_with_the_trainers_credentials(server, flow):
-    import mlflow.pytorch
     import torch
 
     url, users = server["server"].url, server["users"]
@@ -141,7 +142,7 @@ def test_the_flow_tracks_with_the_trainers_credentials(server, flow):
         assert len(steps) == 2 and all(r.data.tags[TAG_COMPLETE] == "true" for r in steps)
         assert all(r.info.status == "FINISHED" for r in runs)
         mlflow.set_tracking_uri(url)
-        model = mlflow.pytorch.load_model(parent.data.tags[TAG_FINAL_MODEL], map_location="cpu")
+        model = load_net(parent.data.tags[TAG_FINAL_MODEL])
     embedding, quality = model(torch.zeros(2, 3, 32, 32))
     assert embedding.shape == (2, 32) and quality.shape == (2,)
     print(f"\n[auth] tiny flow (2 steps) tracked as 'trainer' in {flow['wall_s']:.0f} s: {len(runs)} runs")

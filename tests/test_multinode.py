@@ -164,7 +164,7 @@ def test_each_step_trained_on_both_nodes(flow):
     # because its start-up timed out or failed (the controller's retries, e.g. a worker process slow to start
     # on a loaded 2-core CI machine) adds a group; a restart after a training failure may not.
     retries = _failure_policy_reports(flow["proc"].stdout)
-    assert not [r for r in retries if "Source: controller" not in r], "\n\n".join(retries)
+    assert not [r for r in retries if "Source: controller" not in r], _worker_errors(flow["proc"].stdout)
     assert len(by_group) == 4 + len(retries), (by_group.keys(), retries)
     for group, workers in by_group.items():
         assert len(workers) == 2, group
@@ -178,6 +178,12 @@ def _failure_policy_reports(log: str) -> list[str]:
     lines = log.splitlines()
     reports = ["\n".join(lines[i:i + 4]) for i, line in enumerate(lines) if "[FailurePolicy]" in line]
     return list(dict.fromkeys(reports))
+
+
+def _worker_errors(log: str) -> str:
+    """Each worker-group failure with the worker's traceback that follows it, for the assertion message."""
+    lines = log.splitlines()
+    return "\n\n".join("\n".join(lines[i:i + 40]) for i, line in enumerate(lines) if "Source: worker group" in line)
 
 
 def test_flow_completes_with_checkpoints_on_s3_that_load(flow, cluster, monkeypatch):

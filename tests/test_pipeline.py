@@ -156,6 +156,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.integration
 def test_ray_training_dataset_yields_batches(ray_local, tiny_dataset):
     ds = training_dataset(tiny_dataset, image_size=16, augment=AugmentConfig(), seed=0, batch_size=8)
     labels, shapes = [], set()
@@ -171,6 +172,7 @@ def test_ray_training_dataset_yields_batches(ray_local, tiny_dataset):
     assert sorted(labels) == sorted(i % 4 for i in range(40))
 
 
+@pytest.mark.integration
 def test_ray_pipeline_corrupt_rows(ray_local, tmp_path):
     uri = str(tmp_path / "bad")
     rows = [{"image": encode(pattern(i)) if i != 5 else b"broken", "label": i % 4, "identity": IDS[i % 4],
@@ -188,6 +190,7 @@ def test_ray_pipeline_corrupt_rows(ray_local, tmp_path):
     assert re.fullmatch(rf"corrupt image at {shard} row 5 \(identity=id1, source=s5\): .*", str(error))
 
 
+@pytest.mark.integration
 def test_each_row_group_decodes_in_its_own_task(ray_local, tmp_path, monkeypatch):
     """Row groups spread over the CPUs and stream: one decoded block per row group. (A decode batch_size
     counted in row groups once put every group of a small dataset into one task, on one core.)"""

@@ -1,17 +1,17 @@
 """Ports that cannot collide: the stack's ports of one start are picked together, each held until all are
-chosen, from the range neither the kernel nor Ray's workers hand out; and the Ray head starts 30 times in a
-row, every time (the old one-port-at-a-time picking once gave the GCS and the Ray Client server one port)."""
+chosen, from the range neither the kernel nor Ray's workers hand out; and the Ray head starts 10 times in a
+row, every time (the old one-port-at-a-time picking once gave the GCS and the Ray Client server one port).
+`python -m benchmarks.stack_starts --starts 30` runs the longer series and prints its timings."""
 
 from __future__ import annotations
 
 import socket
-import time
 
-import psutil
 import pytest
 
+from benchmarks.stack_starts import start_ray_heads
 from infra.ports import RAY_WORKER_PORTS_END, pick_ports, quiet_range
-from infra.stack import HOST, Stack
+from infra.stack import HOST
 
 
 def test_one_pick_gives_distinct_ports_outside_the_kernels_and_rays_ranges():
@@ -38,23 +38,10 @@ def test_picked_ports_are_free_and_a_taken_one_is_never_picked():
 
 
 @pytest.mark.integration
-def test_the_ray_head_starts_30_times_in_a_row(tmp_path):
+def test_the_ray_head_starts_10_times_in_a_row(tmp_path):
     """Only the Ray head (its GCS, dashboard and agent ports are the ones picked together), started and stopped
-    by pid 30 times; never with a Ray Client server, which only `ray_client=True` starts."""
-    stack = Stack.load(tmp_path / "state")
-    times, ports = [], set()
-    started = time.monotonic()
-    try:
-        for _ in range(30):
-            t0 = time.monotonic()
-            head = stack.start_ray(num_cpus=1, object_store_mb=80)
-            times.append(time.monotonic() - t0)
-            ports.add((head.info["gcs_port"], head.info["dashboard_port"]))
-            tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
-            assert not [p for p in tree if "ray.util.client.server" in " ".join(p.cmdline())]
-            stack.stop("ray")
-    finally:
-        stack.stop_all()
-    print(f"\n[ports] 30 starts of the Ray head, all up: {time.monotonic() - started:.0f} s in all, start "
-          f"{min(times):.1f}-{max(times):.1f} s (median {sorted(times)[15]:.1f} s); {len(ports)} distinct port pairs")
-    assert len(times) == 30
+    by pid 10 times; never with a Ray Client server, which only `ray_client=True` starts."""
+    times, ports = start_ray_heads(tmp_path / "state", 10)
+    print(f"\n[ports] 10 starts of the Ray head, all up: start {min(times):.1f}-{max(times):.1f} s; "
+          f"{len(ports)} distinct port pairs")
+    assert len(times) == 10

@@ -175,6 +175,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.integration
 def test_ray_scoring_matches_the_loop(real, ray_local):
     qualities = sorted(r["quality"] for r in real["scored"].values())
     s_th = qualities[4]  # keeps 8 of 12
@@ -189,6 +190,7 @@ def test_ray_scoring_matches_the_loop(real, ray_local):
                                    read_embedding(real["scored"][source]["embedding"]), atol=1e-5)
 
 
+@pytest.mark.integration
 def test_ray_scoring_reports_a_corrupt_row(real, ray_local, tmp_path):
     rows = [{"image": grey_png(100) if i != 1 else b"broken", "label": 0, "identity": "a", "source": f"s{i}"}
             for i in range(3)]

@@ -20,6 +20,8 @@ from data.qwdf import qwdf
 from data.shards import DatasetError, read_manifest, validate_dataset
 from infra.stack import Stack
 
+pytestmark = pytest.mark.integration  # a real S3-compatible server (moto) for the module
+
 BUCKET = "eqface-test"
 OPTS = Options(workers=1, progress=False)
 

@@ -21,6 +21,7 @@ def test_each_kind_says_what_trains_and_where_its_inputs_come_from():
     assert [k.continues(cfg) for k in (one, two, three)] == [False, True, True]  # step3.init: continue
     assert not three.continues(load_config([], ["step3.init=scratch"]))
     assert [k.settings(cfg) for k in (one, two, three)] == [cfg.step1, cfg.step2, cfg.step3]
+    assert (one.reads, two.reads, three.reads) == ("fit", "holdout", "fit")
     assert two.quality_from(own="net", teacher="t") == "net" and three.quality_from(own="net", teacher="t") == "t"
     assert one.quality_from(own="net", teacher="t") is None
 
