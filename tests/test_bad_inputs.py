@@ -432,6 +432,7 @@ def test_missing_mlflow_run_or_model_exits_2_naming_it(stack, data_root, val_set
     assert "no-checkpoint-here" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_unreachable_mlflow_fails_in_seconds_not_minutes(data_root):
     port = free_port()
     started = time.monotonic()
@@ -444,6 +445,7 @@ def test_unreachable_mlflow_fails_in_seconds_not_minutes(data_root):
     assert time.monotonic() - started < 120  # the MLflow client alone retries for ~4 minutes (slack: a loaded CI)
 
 
+@pytest.mark.integration
 def test_score_lists_skips_and_counts_bad_files_and_says_so_in_its_status(tmp_path, tiny_net):
     faces = tmp_path / "faces"
     faces.mkdir()

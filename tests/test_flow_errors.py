@@ -24,6 +24,7 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_unknown_backbone():
     proc = run_flow(["model.backbone=resnet9000", "tracking.uri=http://127.0.0.1:9"])
     assert proc.returncode == 2
@@ -31,6 +32,7 @@ def test_unknown_backbone():
     assert "r100" in last_line(proc)
 
 
+@pytest.mark.integration
 def test_malformed_config_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss:\n  m2: [0.5\n")
@@ -39,6 +41,7 @@ def test_malformed_config_file(tmp_path):
     assert f"{bad}: not valid YAML" in last_line(proc)
 
 
+@pytest.mark.integration
 def test_missing_value(tmp_path):
     bad = tmp_path / "missing.yaml"
     bad.write_text("loss:\n  m2:\n")
@@ -47,6 +50,7 @@ def test_missing_value(tmp_path):
     assert "loss.m2 is missing a value" in last_line(proc)
 
 
+@pytest.mark.integration
 def test_unreachable_mlflow():
     port = free_port()
     proc = run_flow([f"tracking.uri=http://127.0.0.1:{port}"])

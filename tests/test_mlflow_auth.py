@@ -204,6 +204,7 @@ def test_without_credentials_the_flow_stops_in_one_line(server, tmp_path):
     assert last.startswith("eqface: error:") and "401" in last, done.stderr[-2000:]
 
 
+@pytest.mark.integration
 def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them(tmp_path):
     password = "pw-" + uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}

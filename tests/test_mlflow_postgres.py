@@ -64,6 +64,7 @@ def services(tmp_path_factory):
         pg.stop()
 
 
+@pytest.mark.integration
 def test_run_round_trip_through_postgres_and_proxied_s3(services, tmp_path, monkeypatch):
     import psycopg
     from mlflow.tracking import MlflowClient

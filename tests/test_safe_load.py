@@ -65,6 +65,7 @@ def test_a_crafted_training_state_is_refused_and_its_code_never_runs(tmp_path):
     _refused(refused, state, marker)
 
 
+@pytest.mark.integration
 def test_a_crafted_net_file_is_refused_by_the_loaders_and_the_cli(tmp_path):
     marker = tmp_path / "ran"
     net_file = tmp_path / "net.pt"

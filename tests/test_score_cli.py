@@ -200,6 +200,7 @@ def test_bad_arguments_exit_2_naming_the_problem(setup, tmp_path, capsys):
     assert "takes 32 x 32 images" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_runs_as_a_module_with_progress_bars(setup, tmp_path):
     model, folder, _ = setup
     out = tmp_path / "s.parquet"

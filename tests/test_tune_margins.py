@@ -162,6 +162,7 @@ def test_plan_trials_leaves_a_cpu_for_ray_data():
         plan_trials({"CPU": 1.0}, cfg)
 
 
+@pytest.mark.integration
 def test_bad_space_exits_2_before_anything_starts(tmp_path):
     space = write_space(tmp_path, "families: {arcface: {m2: {uniform: [0.2, 1.6]}}}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
