@@ -10,8 +10,6 @@ reads them back, so a killed State replica loses nothing; while it restarts the 
 idempotent by (stream, seq)), and after `retry_s` answers 503 naming the stream. README "Recognition service".
 """
 
-from __future__ import annotations
-
 import asyncio
 import base64
 import binascii
@@ -169,6 +167,31 @@ async def _read_body(request: Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
+def _same(a: str, b: str) -> bool:
+    return hashlib.sha256(a.encode()).digest() == hashlib.sha256(b.encode()).digest()
+
+
+def _seq_and_ts(stream: str, request: Request) -> tuple[int, float | None]:
+    raw_seq, raw_ts = request.query_params.get("seq"), request.query_params.get("ts")
+    try:
+        seq = int(raw_seq)
+        if seq < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ServiceError(f"stream {stream!r}: query parameter seq must be a whole number >= 0 (the frame's "
+                           f"number in the stream, from 0), got {raw_seq!r}") from None
+    if raw_ts is None:
+        return seq, None
+    try:
+        ts = float(raw_ts)
+        if not np.isfinite(ts):
+            raise ValueError
+    except ValueError:
+        raise ServiceError(f"stream {stream!r}: seq {seq}: query parameter ts must be a finite number (the "
+                           f"camera's timestamp, seconds), got {raw_ts!r}") from None
+    return seq, ts
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=512,
                   health_check_period_s=HEALTH_CHECK_PERIOD_S)
 @serve.ingress(api)
@@ -324,31 +347,6 @@ class Api:
         embedding, quality, model = await self._embed(pixels, what)
         digest = hashlib.sha256(data).hexdigest()
         return await self._call(self.state.push, stream, seq, ts, digest, embedding, quality, model, what=what)
-
-
-def _same(a: str, b: str) -> bool:
-    return hashlib.sha256(a.encode()).digest() == hashlib.sha256(b.encode()).digest()
-
-
-def _seq_and_ts(stream: str, request: Request) -> tuple[int, float | None]:
-    raw_seq, raw_ts = request.query_params.get("seq"), request.query_params.get("ts")
-    try:
-        seq = int(raw_seq)
-        if seq < 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ServiceError(f"stream {stream!r}: query parameter seq must be a whole number >= 0 (the frame's "
-                           f"number in the stream, from 0), got {raw_seq!r}") from None
-    if raw_ts is None:
-        return seq, None
-    try:
-        ts = float(raw_ts)
-        if not np.isfinite(ts):
-            raise ValueError
-    except ValueError:
-        raise ServiceError(f"stream {stream!r}: seq {seq}: query parameter ts must be a finite number (the "
-                           f"camera's timestamp, seconds), got {raw_ts!r}") from None
-    return seq, ts
 
 
 def build(args: dict[str, Any]) -> serve.Application:
