@@ -20,7 +20,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -85,10 +84,10 @@ def service(tmp_path_factory):
         # The model as the flow publishes it: a registered pyfunc with the alias "candidate".
         card = root / "card.md"
         card.write_text("tiny test model\n")
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        with mlflow.start_run() as run:
-            info = log_pyfunc(env["MLFLOW_TRACKING_URI"], run.info.run_id, net_path, card, None, net.arch)
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        run = client.create_run("0")
+        info = log_pyfunc(env["MLFLOW_TRACKING_URI"], run.info.run_id, net_path, card, None, net.arch)
+        client.set_terminated(run.info.run_id)
         client.create_registered_model(REGISTERED)
         version = client.create_model_version(REGISTERED, source=info.model_uri, run_id=run.info.run_id,
                                               model_id=info.model_id)
