@@ -22,16 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from data.pipeline import normalise
-from flows.checkpoints import load_net_from
-from models.serving import embed_and_score
 from serve.config import ServiceConfig
 from serve.errors import ServiceError
 from serve.frames import decode_frame
@@ -41,7 +37,7 @@ from serve.streams import StreamBook
 HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve notices a dead replica and starts another
 
 
-def fingerprint(net: torch.nn.Module) -> str:
+def fingerprint(net) -> str:
     """sha256 (first 16 hex digits) of the network's weights: which model a template or frame came from."""
     digest = hashlib.sha256()
     for name, tensor in sorted(net.state_dict().items()):
@@ -56,6 +52,15 @@ class FaceModel:
     """Embedding + quality of face crops, batched across every caller."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        # torch and MLflow are imported by the model replicas only: the other replicas, and the controller's
+        # build of the application, start seconds sooner without them.
+        import torch
+
+        from data.pipeline import normalise
+        from flows.checkpoints import load_net_from
+        from models.serving import embed_and_score
+
+        self._torch, self._normalise, self._embed_and_score = torch, normalise, embed_and_score
         cfg = ServiceConfig.from_args(settings)
         torch.set_num_threads(cfg.torch_threads)
         model = cfg.model if "://" in cfg.model or cfg.model.startswith(("models:/", "runs:/")) else \
@@ -79,8 +84,8 @@ class FaceModel:
         """uint8 (S, S, 3) crops -> (embedding (E,), quality, model fingerprint) each."""
         self.batches.append(len(pixels))
         del self.batches[:-1000]
-        images = torch.from_numpy(np.ascontiguousarray(normalise(np.stack(pixels))))
-        embedding, quality = embed_and_score(self.net, images)
+        images = self._torch.from_numpy(np.ascontiguousarray(self._normalise(np.stack(pixels))))
+        embedding, quality = self._embed_and_score(self.net, images)
         return [(embedding[i].numpy(), float(quality[i]), self.fingerprint) for i in range(len(pixels))]
 
 
