@@ -151,15 +151,16 @@ def main(argv: list[str] | None = None) -> int:
                     client.enrol(person, frames[:4])
                 run_load(url, crops, 4, 3, 60, f"warm{replicas}")  # first requests pay the replicas' warm-up
                 result = {"replicas": replicas, "deploy_s": round(deploy_s, 1),
-                          **run_load(url, crops, args.streams, args.frames, args.max_seconds, f"r{replicas}")}
+                          **run_load(url, crops, args.streams, args.frames, args.max_seconds, f"r{replicas}"),
+                          "batch_mean": round(client.health()["model"]["batch_mean"], 1)}
                 results.append(result)
                 print(json.dumps(result), flush=True)
         finally:
             stack.stop_all()
-    print("\nreplicas  streams x frames  fps    p50 ms  p99 ms  lost  errors  resends")
+    print("\nreplicas  streams x frames  fps    p50 ms  p99 ms  lost  errors  resends  batch")
     for r in results:
         print(f"{r['replicas']:>8}  {r['streams']:>7} x {r['frames_per_stream']:<6}  {r['fps']:<6} {r['p50_ms']:<7} "
-              f"{r['p99_ms']:<7} {r['lost']:<5} {r['errors']:<7} {r['resends']}")
+              f"{r['p99_ms']:<7} {r['lost']:<5} {r['errors']:<7} {r['resends']:<8} {r['batch_mean']}")
     return 0 if all(r["lost"] == 0 and r["errors"] == 0 for r in results) else 1
 
 

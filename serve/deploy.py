@@ -102,7 +102,7 @@ def deploy(config: dict[str, Any], wait_s: float = 300) -> str:
 
     from infra.ray_private import serve_client_start
 
-    ray.init(namespace="serve", log_to_driver=False)
+    ray.init(address="auto", namespace="serve", log_to_driver=False)  # never a new cluster
     app = config["applications"][0]
     runtime_env = dict(app.get("runtime_env") or {})
     job_env = ray.get_runtime_context().runtime_env
@@ -134,7 +134,7 @@ def delete(name: str) -> None:
     import ray
     from ray import serve
 
-    ray.init(namespace="serve", log_to_driver=False)
+    ray.init(address="auto", namespace="serve", log_to_driver=False)  # never a new cluster
     serve.delete(name)
 
 
