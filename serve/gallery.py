@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class Gallery:
         self.uri = uri
         self.model: str | None = None  # fingerprint of the model the templates come from
         self.identities: dict[str, Identity] = {}
+        self._lock = threading.Lock()  # one change at a time; readers take the current dict as a whole
 
     @property
     def file(self) -> str:
@@ -91,16 +93,19 @@ class Gallery:
         if len(embeddings) == 0:
             raise ServiceError(f"identity {name!r}: no image to enrol")
         template = aggregate(embeddings, qualities, "qwfa").astype(np.float32)
-        identities = {**self.identities, name: Identity(template, [float(q) for q in qualities])}
-        self._save(model if identities else None, identities)
+        with self._lock:
+            self.check_model(model, f"identity {name!r}")
+            identities = {**self.identities, name: Identity(template, [float(q) for q in qualities])}
+            self._save(model, identities)
         return identities[name].summary(name)
 
     def remove(self, name: str) -> dict[str, Any]:
-        if name not in self.identities:
-            raise ServiceError(f"identity {name!r}: not in the gallery", 404)
-        identities = {k: v for k, v in self.identities.items() if k != name}
-        summary = self.identities[name].summary(name)
-        self._save(self.model if identities else None, identities)
+        with self._lock:
+            if name not in self.identities:
+                raise ServiceError(f"identity {name!r}: not in the gallery", 404)
+            identities = {k: v for k, v in self.identities.items() if k != name}
+            summary = self.identities[name].summary(name)
+            self._save(self.model if identities else None, identities)
         return summary
 
     def list(self) -> list[dict[str, Any]]:
@@ -108,7 +113,8 @@ class Gallery:
 
     def identify(self, template: np.ndarray, threshold: float) -> tuple[str | None, float]:
         """(best identity or None under the threshold, its cosine similarity)."""
-        names = list(self.identities)
-        scores = np.stack([self.identities[n].template for n in names]) @ l2_normalize(template)
+        identities = self.identities
+        names = list(identities)
+        scores = np.stack([identities[n].template for n in names]) @ l2_normalize(template)
         best = int(np.argmax(scores))
         return (names[best] if scores[best] >= threshold else None), float(scores[best])

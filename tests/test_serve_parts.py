@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from evaluation.aggregation import aggregate, match_stream
+from infra.stack import Stack
 from serve.config import ServiceConfig, ServiceConfigError
 from serve.deploy import DeployError, load_config
 from serve.errors import ServiceError
@@ -165,3 +166,21 @@ def test_a_new_book_carries_on_every_open_stream_from_the_journal(tmp_path):
     (tmp_path / JOURNAL_FILE).write_text('garbage\n{"op": "open"}\n')
     with pytest.raises(ValueError, match="line 1: not a journal record"):
         StreamBook(str(tmp_path), 0.5, 1.5)
+
+
+@pytest.mark.integration
+def test_the_gallery_lives_on_s3_too(tmp_path):
+    stack = Stack.load(tmp_path / "stack")
+    try:
+        stack.start_s3(buckets=("eqface-serve",))
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            for key, value in stack.env().items():
+                monkeypatch.setenv(key, value)
+            rng = np.random.default_rng(3)
+            gallery = Gallery.load("s3://eqface-serve/gallery")
+            gallery.enrol("alice", np.stack([unit(rng), unit(rng)]), np.array([0.7, 0.4]), "m")
+            again = Gallery.load("s3://eqface-serve/gallery")
+            assert again.list() == gallery.list() and again.model == "m"
+            np.testing.assert_allclose(again.identities["alice"].template, gallery.identities["alice"].template)
+    finally:
+        stack.stop_all()
