@@ -94,6 +94,17 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def app_runtime_env(app: dict[str, Any], job_env: dict[str, Any], environ) -> dict[str, Any]:
+    """The application's runtime env: its own, plus the job's uploaded working dir (this repository: the
+    replicas import serve.app from it) and MLFLOW_TRACKING_URI (for a models:/ URI), unless it names its own."""
+    runtime_env = copy.deepcopy(app.get("runtime_env") or {})
+    if "working_dir" not in runtime_env and job_env.get("working_dir"):
+        runtime_env["working_dir"] = job_env["working_dir"]
+    if environ.get("MLFLOW_TRACKING_URI"):
+        runtime_env.setdefault("env_vars", {}).setdefault("MLFLOW_TRACKING_URI", environ["MLFLOW_TRACKING_URI"])
+    return runtime_env
+
+
 def deploy(config: dict[str, Any], wait_s: float = 300) -> str:
     """Deploy on the cluster this process is a driver of; returns the service's URL."""
     import ray
@@ -104,13 +115,7 @@ def deploy(config: dict[str, Any], wait_s: float = 300) -> str:
 
     ray.init(address="auto", namespace="serve", log_to_driver=False)  # never a new cluster
     app = config["applications"][0]
-    runtime_env = dict(app.get("runtime_env") or {})
-    job_env = ray.get_runtime_context().runtime_env
-    if "working_dir" not in runtime_env and job_env.get("working_dir"):
-        runtime_env["working_dir"] = job_env["working_dir"]  # the package `ray job submit --working-dir` uploaded
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        runtime_env.setdefault("env_vars", {}).setdefault("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
-    app["runtime_env"] = runtime_env
+    app["runtime_env"] = app_runtime_env(app, dict(ray.get_runtime_context().runtime_env), os.environ)
     schema = ServeDeploySchema.model_validate(config)
     client = serve_client_start(schema)
     client.deploy_apps(schema)

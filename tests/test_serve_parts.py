@@ -13,7 +13,7 @@ from PIL import Image
 from evaluation.aggregation import aggregate, match_stream
 from infra.stack import Stack
 from serve.config import ServiceConfig, ServiceConfigError
-from serve.deploy import DeployError, load_config
+from serve.deploy import DeployError, app_runtime_env, load_config
 from serve.errors import ServiceError
 from serve.frames import BadFrame, decode_frame
 from serve.gallery import GALLERY_FILE, Gallery
@@ -60,6 +60,17 @@ def test_deploy_overrides_and_exposure():
     assert load_config(str(ROOT / "configs" / "serve.yaml"), ["http.host=0.0.0.0", "args.api_token_file=/t"])
     with pytest.raises(DeployError, match="serve config decide_at"):
         load_config(str(ROOT / "configs" / "serve.yaml"), ["args.decide_at=-1"])
+
+
+def test_the_application_gets_the_jobs_code_and_tracking_uri():
+    """What the replicas need to import serve.app and load models:/ URIs (tests/test_model_registry.py loads every
+    MLflow URI form through the same flows.checkpoints.load_net_from the model replicas call)."""
+    job_env = {"working_dir": "gcs://_ray_pkg_0123.zip", "env_vars": {"X": "1"}}
+    env = app_runtime_env({"name": "eqface"}, job_env, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert env == {"working_dir": "gcs://_ray_pkg_0123.zip", "env_vars": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}
+    own = {"working_dir": "s3://code/eqface.zip", "env_vars": {"MLFLOW_TRACKING_URI": "https://mlflow.internal"}}
+    assert app_runtime_env({"runtime_env": own}, job_env, {"MLFLOW_TRACKING_URI": "http://x"}) == own
+    assert app_runtime_env({}, {}, {}) == {}
 
 
 def test_frames_are_decoded_resized_or_refused():
