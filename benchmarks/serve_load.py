@@ -53,7 +53,7 @@ def face_crops(count: int) -> dict[str, list[bytes]]:
     return out
 
 
-def deploy(stack: Stack, model: str, work: Path, port: int, replicas: int) -> float:
+def deploy(stack: Stack, model: str, work: Path, port: int, replicas: int, api_replicas: int) -> float:
     env = {**os.environ, **stack.env()}
     job_env = {"RAY_ADDRESS": f"127.0.0.1:{stack.services['ray'].info['gcs_port']}",
                **({"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]} if "MLFLOW_TRACKING_URI" in os.environ
@@ -65,7 +65,7 @@ def deploy(stack: Stack, model: str, work: Path, port: int, replicas: int) -> fl
          "python", "-m", "serve.deploy", "configs/serve.yaml", f"args.model={model}",
          f"args.gallery={work / 'gallery'}", f"args.state_dir={work / 'state'}",
          "args.s_th=0.49", "args.decide_at=1.5", f"http.port={port}",
-         f"replicas.FaceModel={replicas}"],
+         f"replicas.FaceModel={replicas}", f"replicas.Api={api_replicas}"],
         env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"deploy failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="FaceModel replicas, one run each")
+    parser.add_argument("--api-replicas", type=int, default=1, help="replicas of the HTTP ingress (Api)")
     parser.add_argument("--model", default=None, help="default: the tests' tiny untrained model (32 px)")
     parser.add_argument("--max-seconds", type=float, default=180, help="per run: frames not sent by then are skipped")
     parser.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the benchmark's Ray head")
@@ -145,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             crops = face_crops(5)
             results = []
             for replicas in args.replicas:
-                deploy_s = deploy(stack, model, work, port, replicas)
+                deploy_s = deploy(stack, model, work, port, replicas, args.api_replicas)
                 client = ServiceClient(url)
                 for person, frames in crops.items():
                     client.enrol(person, frames[:4])
                 run_load(url, crops, 4, 3, 60, f"warm{replicas}")  # first requests pay the replicas' warm-up
-                result = {"replicas": replicas, "deploy_s": round(deploy_s, 1),
+                result = {"replicas": replicas, "api_replicas": args.api_replicas, "deploy_s": round(deploy_s, 1),
                           **run_load(url, crops, args.streams, args.frames, args.max_seconds, f"r{replicas}"),
                           "batch_mean": round(client.health()["model"]["batch_mean"], 1)}
                 results.append(result)
