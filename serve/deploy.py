@@ -4,7 +4,7 @@
       --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"$MLFLOW_TRACKING_URI\"}}" \
       -- python -m serve.deploy configs/serve.yaml args.model=models:/eqface@candidate http.port=8000 \
          replicas.FaceModel=2
-    ray job submit --address "$RAY_ADDRESS" -- python -m serve.deploy --delete
+    ray job submit --address "$RAY_ADDRESS" --working-dir . -- python -m serve.deploy --delete
 
 Run as a Ray job, it gives the application the job's uploaded working dir (this repository) and its
 MLFLOW_TRACKING_URI, starts Serve's HTTP proxy where the file says (127.0.0.1 unless told otherwise) and
