@@ -277,3 +277,18 @@ def test_killed_replicas_lose_no_frame_and_count_none_twice(service, api):
         sorted(ENROLLED)
     print(f"resends: {sum(c.resends for c in clients.values())}, duplicates answered: "
           f"{sum(a['duplicate'] for p in people for a in answers[p])}")
+
+
+def test_delete_removes_the_application(service, api):
+    stack = service["stack"]
+    env = {**os.environ, **stack.env()}
+    job_env = {"RAY_ADDRESS": f"127.0.0.1:{stack.services['ray'].info['gcs_port']}"}
+    deleted = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", env["RAY_ADDRESS"],
+         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}),
+         "--", "python", "-m", "serve.deploy", "--delete"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert deleted.returncode == 0 and "deleted application 'eqface'" in deleted.stdout, deleted.stdout[-2000:]
+    with pytest.raises(ServiceRefused) as refused:  # the proxy stays, the routes are gone
+        ServiceClient(service["url"], token=service["token"], retry_s=1).gallery()
+    assert refused.value.status == 404
