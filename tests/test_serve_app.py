@@ -1,4 +1,4 @@
-"""The recognition service (serve/) as a user runs it: the local stack (Ray head with token auth, MLflow), the
+"""The recognition service (serve/) as a user runs it: the local stack (Ray head with token auth), the
 tiny model, `ray job submit -- python -m serve.deploy configs/serve.yaml`, then HTTP.
 
 One deployment for the module (2 FaceModel replicas): the gallery from ../shared/data/faces (Yale B people),
