@@ -19,6 +19,11 @@ def test_the_private_apis_exist_with_the_shapes_we_call():
     assert callable(ray_private._global_state.get_max_resources_from_cluster_config)
     assert isinstance(ray_private.class_cache.ENV_VARS_TO_PROPAGATE, (set, frozenset, list, tuple))
     assert {"include_gitignore", "excludes"} <= set(inspect.signature(ray_private.create_package).parameters)
+    from ray.serve._private.api import serve_start  # serve_client_start's
+    assert {"http_options", "proxy_location", "grpc_options", "controller_options"} <= set(
+        inspect.signature(serve_start).parameters)
+    from ray.serve._private.client import ServeControllerClient
+    assert "deploy_apps" in vars(ServeControllerClient)
 
 
 def test_tune_no_longer_propagates_what_we_drop():
