@@ -15,7 +15,7 @@ run, best epoch of epochs 2..N each (epoch 1 warms up allocators and starts Ray 
 
 `plain_dataloader` is the plain loop with decode + augment in torch DataLoader worker processes (what a plain
 GPU script does); benchmarks/gpu_check.py sets it against the Ray job on a GPU. Every plain loop trains with
-the config's precision (`scaling.amp`, its GradScaler, `scaling.channels_last`) as the Ray workers do.
+the config's precision (`scaling.amp` and, for fp16, its GradScaler) as the Ray workers do.
 
 This VM's CPU speed drifts by tens of percent over minutes, so the plain loops run before and after the Ray
 job and the better round counts.
@@ -47,18 +47,18 @@ from flows.steps import PlannedStep, StepKind, StepSpec
 
 class PlainTrainer:
     """Step 1's model and one SGD step per batch, as a plain PyTorch script on `device` would train it: the
-    config's autocast, GradScaler and memory format (`cfg.scaling`), the same StepModel as the Ray workers."""
+    config's autocast and GradScaler (`cfg.scaling`), the same StepModel as the Ray workers."""
 
     def __init__(self, cfg, num_classes: int, device: torch.device | str = "cpu") -> None:
-        self.device, self.memory_format = torch.device(device), cfg.scaling.memory_format
-        net, head = build_net_and_head(cfg, num_classes)
-        self.model = StepModel(1, net, head).to(self.device, memory_format=self.memory_format)
+        self.device = torch.device(device)
+        net, head = build_net_and_head(cfg, num_classes)  # channels_last weights, as in the flow
+        self.model = StepModel(1, net, head).to(self.device)
         self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         self.autocast, self.scaler = cfg.scaling.autocast(self.device), cfg.scaling.grad_scaler(self.device)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One training step on a float (B, 3, H, W) batch; returns the loss (not synchronised)."""
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = images.to(self.device, non_blocking=True)
         with self.autocast:
             loss, _, _ = self.model(images, labels.to(self.device, non_blocking=True).long())
         self.opt.zero_grad(set_to_none=True)

@@ -222,8 +222,6 @@ class ScalingConfig(Section):
     # gradient underflow; steps whose gradients overflow are skipped); bf16 and fp32 need none. fp16 also runs
     # on CPU (torch's CPU autocast and GradScaler), slowly on most CPUs: it is there for smoke checks.
     amp: str = "none"
-    # NHWC weights and input batches: what cuDNN's tensor-core convolutions want under bf16/fp16 autocast.
-    channels_last: bool = False
     # Ray placement group strategy of the workers: PACK fills a node first; SPREAD puts them on different
     # nodes where it can (STRICT_* make it a hard requirement).
     placement_strategy: str = "PACK"
@@ -247,12 +245,6 @@ class ScalingConfig(Section):
     def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
         """Loss scaling for fp16 (enabled only then; a disabled scaler passes loss and step through)."""
         return torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        """Of the model's weights and its input batches."""
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 

@@ -88,7 +88,7 @@ class StepWorker:
                               or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
         self.device = ray.train.torch.get_device()
 
-        model = build_step_model(self.cfg, self.spec).to(memory_format=self.cfg.scaling.memory_format)
+        model = build_step_model(self.cfg, self.spec)
         self.optimizer = self.settings.build_optimizer(p for p in model.parameters() if p.requires_grad)
         self.start_epoch, self.history = self.restore(model, ray.train.get_checkpoint())
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -150,8 +150,7 @@ class StepWorker:
             lr = learning_rate(self.settings.lr, self.global_step, self.total_steps, self.warmup)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            images = to_model_input(batch["image"]).contiguous(memory_format=self.cfg.scaling.memory_format)
-            labels = batch["label"].long()
+            images, labels = to_model_input(batch["image"]), batch["label"].long()
             with self.autocast:
                 loss, cos, quality = self.model(images, labels)
             # Every rank agrees before stepping, so no rank runs on with weights another has refused.
