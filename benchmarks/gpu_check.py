@@ -127,20 +127,20 @@ def decode_workers(cfg: Config) -> int:
     return max(1, int((os.cpu_count() or 1) - cfg.scaling.cpus_per_worker))
 
 
-def check_throughput(cfg: Config, data: Datasets, sizes: Sizes, device: torch.device, report: Report) -> dict:
+def check_throughput(cfg: Config, data: Datasets, sizes: Sizes, device: torch.device, report: Report,
+                     jobs: dict) -> None:
     """(1) and (2): per precision a plain DataLoader loop (before Ray starts: no fork after ray.init), then
-    the Ray jobs; returns {amp: (history, checkpoint)} of the Ray jobs."""
+    the Ray jobs, each put into `jobs` as {amp: (history, checkpoint)} once it has run."""
     fp16_epochs = max(sizes.epochs, math.ceil(sizes.stability_iterations / iterations_per_epoch(cfg, data)))
     plans = {"bf16": sizes.epochs, "fp16": fp16_epochs}
     plain = {}
     torch.set_num_threads(cfg.scaling.threads_per_worker or os.cpu_count() or 1)  # as the Ray worker
-    for amp, epochs in plans.items():
-        plain[amp] = best(plain_dataloader(with_overrides(cfg, {"scaling.amp": amp}), data, min(epochs, sizes.epochs),
-                                           device, decode_workers(cfg)))
+    for amp in plans:
+        plain[amp] = best(plain_dataloader(with_overrides(cfg, {"scaling.amp": amp}), data, sizes.epochs, device,
+                                           decode_workers(cfg)))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     start_ray(device)
-    jobs = {}
     for amp, epochs in plans.items():
         jobs[amp] = ray_step(with_overrides(cfg, {"scaling.amp": amp}), data, epochs, f"throughput-{amp}",
                              str(Path(cfg.flow.storage)))
@@ -154,7 +154,6 @@ def check_throughput(cfg: Config, data: Datasets, sizes: Sizes, device: torch.de
                    **{f"throughput.{amp}.plain_images_per_s": plain[amp]})
         report.add(section, "ratio Ray / plain", f"{ray_rate / plain[amp]:.3f}",
                    **{f"throughput.{amp}.ratio": ray_rate / plain[amp]})
-    return jobs
 
 
 def iterations_per_epoch(cfg: Config, data: Datasets) -> int:
@@ -245,28 +244,42 @@ def run(sizes: Sizes, work: Path, device: torch.device) -> Report:
     started = time.perf_counter()
     data = prepare_datasets(cfg)  # generated on first use, cached in work/datasets
     report.figures["time.dataset_s"] = time.perf_counter() - started
+    jobs: dict = {}
     try:
-        with timed(report, "throughput"):
-            jobs = check_throughput(cfg, data, sizes, device, report)
-        with timed(report, "stability"):
-            check_stability(cfg, data, jobs["fp16"][0], report)
-        with timed(report, "head"):
+        with check(report, "throughput", "1 throughput"):
+            check_throughput(cfg, data, sizes, device, report, jobs)
+        if not ray.is_initialized():  # (1) failed before its Ray jobs
+            start_ray(device)
+        with check(report, "stability", "2 stability fp16"):
+            check_stability(cfg, data, needs(jobs, "fp16")[0], report)
+        with check(report, "head", f"3 head, {sizes.head_classes:,} ids"):
             check_sharded_head(cfg, data, sizes, device, report)
-        with timed(report, "pipeline"):
+        with check(report, "pipeline", "4 data pipeline"):
+            needs(jobs, "bf16")
             check_data_pipeline(cfg, data, sizes, report.figures["throughput.bf16.ray_images_per_s"], report)
-        with timed(report, "onnx"):
-            check_onnx(cfg, jobs["bf16"][1], device, work, report)
+        with check(report, "onnx", "5 ONNX"):
+            check_onnx(cfg, needs(jobs, "bf16")[1], device, work, report)
     finally:
         ray.shutdown()
     return report
 
 
+def needs(jobs: dict, amp: str):
+    if amp not in jobs:
+        raise RuntimeError(f"not run: the {amp} job of check 1 failed")
+    return jobs[amp]
+
+
 @contextmanager
-def timed(report: Report, name: str):
-    """Wall seconds of one check, as figure time.<name>_s: where the run's minutes go."""
+def check(report: Report, name: str, section: str):
+    """One check: its wall seconds as figure time.<name>_s (where the run's minutes go); an error becomes a
+    FAIL row, in one line, and the next check runs: a GPU's minutes are too scarce to lose the rest to one."""
     started = time.perf_counter()
     try:
         yield
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the exit status
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        report.add(section, "error", f"{type(exc).__name__}: {message}", False)
     finally:
         report.figures[f"time.{name}_s"] = time.perf_counter() - started
 
