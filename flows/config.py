@@ -246,6 +246,7 @@ class ScalingConfig(Section):
         """Loss scaling for fp16 (enabled only then; a disabled scaler passes loss and step through)."""
         return torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
 
+
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
 
 
