@@ -22,7 +22,7 @@ configs/tiny.yaml on the CPU instead: the same code, except the CUDA calls.
    0.1 against `model.head: full`: step time (batch / images/s) and peak GPU memory (torch.cuda).
 4. Ray Data decode + augment images/s with every CPU of the host, beside the images/s (1) consumed.
 5. ONNX: the trained network of (1) on the device exported and run in onnxruntime (CPU provider); the
-   largest difference to the device's float32 outputs (TF32 off).
+   largest difference to the device's float32 outputs (TF32 off), relative to their magnitude.
 
 A check that fails is marked FAIL in the table and the exit status is 1.
 """
@@ -58,7 +58,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # lr x weight_decay far past SGD's stability limit: the weights grow ~19x a step until the loss is not finite
 # (tests/test_faults_training.py diverges the tiny flow the same way).
 DIVERGING = {"step1.lr": 2000.0, "step1.weight_decay": 0.01, "step1.warmup_epochs": 0.0}
-ONNX_ATOL = 1e-3
+ONNX_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ GPU = Sizes(
 SMOKE = Sizes(
     files=("default.yaml", "tiny.yaml"),
     overrides=("model.backbone=r18", "model.width_mult=0.125", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5"),
-    identities=8, per_identity=12, epochs=2, stability_iterations=12, head_classes=2_000, head_epochs=1,
+    identities=8, per_identity=8, epochs=1, stability_iterations=8, head_classes=2_000, head_epochs=1,
 )
 
 
@@ -227,9 +227,10 @@ def check_onnx(cfg: Config, checkpoint, device: torch.device, work: Path, report
     export_s = time.perf_counter() - started
     session = ort.InferenceSession(str(paths[OUTPUTS]), providers=["CPUExecutionProvider"])
     got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"images": images.numpy()}), strict=True))
-    diff = max(float(np.abs(got[n] - want[n]).max()) for n in OUTPUTS)
-    report.add("5 ONNX", f"export from {device.type} ({export_s:.1f} s), onnxruntime max |diff|", f"{diff:.2e}",
-               diff <= ONNX_ATOL, **{"onnx.max_abs_diff": diff, "onnx.export_s": export_s})
+    # Relative to the output's magnitude (floor 1): a trained net's embeddings are not unit vectors.
+    diff = max(float(np.abs(got[n] - want[n]).max() / max(1.0, np.abs(want[n]).max())) for n in OUTPUTS)
+    report.add("5 ONNX", f"export from {device.type} ({export_s:.1f} s), onnxruntime max |diff| / max |out|",
+               f"{diff:.2e}", diff <= ONNX_TOLERANCE, **{"onnx.max_rel_diff": diff, "onnx.export_s": export_s})
 
 
 def start_ray(device: torch.device) -> None:

@@ -28,7 +28,7 @@ def test_smoke_runs_every_check_on_the_cpu(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--work", str(tmp_path / "work"),
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())["figures"]
     print("\n" + proc.stdout[proc.stdout.index("| check"):])  # the smoke's table, for the log
@@ -43,7 +43,7 @@ def test_smoke_runs_every_check_on_the_cpu(tmp_path):
     assert figures["head.full.step_ms"] > 0 and figures["head.sharded.step_ms"] > 0
     assert figures["head.full.peak_gib"] is None  # GPU memory: CUDA only
     assert figures["pipeline.images_per_s"] > 0
-    assert figures["onnx.max_abs_diff"] <= gpu_check.ONNX_ATOL
+    assert figures["onnx.max_rel_diff"] <= gpu_check.ONNX_TOLERANCE
     assert "FAIL" not in proc.stdout and proc.stdout.count("\n| ") == 15  # header + 14 rows
 
 
