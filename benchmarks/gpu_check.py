@@ -229,7 +229,7 @@ def check_onnx(cfg: Config, checkpoint, device: torch.device, work: Path, report
     got = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"images": images.numpy()}), strict=True))
     # Relative to the output's magnitude (floor 1): a trained net's embeddings are not unit vectors.
     diff = max(float(np.abs(got[n] - want[n]).max() / max(1.0, np.abs(want[n]).max())) for n in OUTPUTS)
-    report.add("5 ONNX", f"export from {device.type} ({export_s:.1f} s), onnxruntime max |diff| / max |out|",
+    report.add("5 ONNX", f"export from {device.type} ({export_s:.1f} s), onnxruntime max abs diff / max abs output",
                f"{diff:.2e}", diff <= ONNX_TOLERANCE, **{"onnx.max_rel_diff": diff, "onnx.export_s": export_s})
 
 
