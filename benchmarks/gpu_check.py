@@ -2,7 +2,7 @@
 
     bash benchmarks/gpu_check.sh                    # on a 1-GPU host: venv + CUDA torch, then this script
     python -m benchmarks.gpu_check [--work DIR] [--json FILE]   # the same, in an environment that has them
-    python -m benchmarks.gpu_check --smoke          # CPU, tiny sizes, about a minute (tests/test_gpu_check.py)
+    python -m benchmarks.gpu_check --smoke          # CPU, tiny sizes: ~40 s of CPU (tests/test_gpu_check.py)
 
 Every figure comes from the project's own code: step 1 runs through the flow's step runner
 (`flows.runner.run_step`, a 1-worker Ray Train job with Ray Data), the plain loops and the Ray Data reader
