@@ -22,7 +22,7 @@ from benchmarks import gpu_check
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.integration  # starts a local Ray (its own, as the benchmarks do)
+@pytest.mark.integration  # starts a local Ray (its own, as the benchmarks do) in a CLI process
 def test_smoke_runs_every_check_on_the_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(ROOT)
@@ -54,6 +54,7 @@ def test_without_a_gpu_it_says_so_in_one_line(capsys):
     assert "sees no CUDA device; --smoke runs on the CPU" in err and err.count("\n") == 1
 
 
+@pytest.mark.integration  # a shell script in a process of its own (installs nothing: --dry-run)
 def test_wrapper_installs_the_pinned_cuda_torch_and_runs_the_check(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: the pins it installs come from pyproject.toml; nothing is installed."""
     venv = tmp_path / "venv"
