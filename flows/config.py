@@ -250,7 +250,10 @@ class ScalingConfig(Section):
     cpus_per_worker: float = 0.5
     # torch intra-op threads per worker; 0 = cores of this node / num_workers.
     threads_per_worker: int = 0
-    amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 on GPU only)
+    # Autocast dtype: "none" | "bf16" | "fp16". fp16 always trains with a GradScaler (loss scaling against
+    # gradient underflow; steps whose gradients overflow are skipped); bf16 and fp32 need none. fp16 also runs
+    # on CPU (torch's CPU autocast and GradScaler), slowly on most CPUs: it is there for smoke checks.
+    amp: str = "none"
     # Ray placement group strategy of the workers: PACK fills a node first; SPREAD puts them on different
     # nodes where it can (STRICT_* make it a hard requirement).
     placement_strategy: str = "PACK"
@@ -259,13 +262,21 @@ class ScalingConfig(Section):
         self.check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         self.check(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         self.check(self.amp in ("none", "bf16", "fp16"), "amp", f"must be none, bf16 or fp16, got {self.amp!r}")
-        self.check(not (self.amp == "fp16" and not self.use_gpu), "amp",
-                   "fp16 autocast needs use_gpu: true (use bf16 on CPU)")
         self.check(self.placement_strategy in PLACEMENT_STRATEGIES, "placement_strategy",
                    f"must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
 
     def resources_per_worker(self) -> dict[str, float]:
         return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The forward pass's autocast context on `device` (disabled for amp: none)."""
+        if self.amp == "none":
+            return torch.autocast(device.type, enabled=False)
+        return torch.autocast(device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (enabled only then; a disabled scaler passes loss and step through)."""
+        return torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
 
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"

@@ -55,6 +55,8 @@ class StepModel(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         learns_embedding = "backbone" in self.trains
+        if self.net.channels_last:  # NHWC batches for the NHWC conv weights (EQFaceNet's default), as its forward
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(learns_embedding and torch.is_grad_enabled()):
             embedding, feature_map = self.net.backbone(images)
         quality = None

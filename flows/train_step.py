@@ -104,9 +104,8 @@ class StepWorker:
         self.total_steps = self.per_epoch * self.settings.epochs
         self.warmup = int(self.settings.warmup_epochs * self.per_epoch)
         self.global_step = self.start_epoch * self.per_epoch
-        self.autocast = _autocast(self.cfg, self.device)
-        # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.scaling.amp == "fp16")
+        self.autocast = self.cfg.scaling.autocast(self.device)
+        self.scaler = self.cfg.scaling.grad_scaler(self.device)  # enabled for fp16 only
 
     # -- restore ----------------------------------------------------------------------------------
     def restore(self, model: StepModel, resume) -> tuple[int, list[dict[str, float]]]:
@@ -135,7 +134,9 @@ class StepWorker:
     def run_epoch(self, epoch: int) -> dict[str, float] | None:
         """Train one pass over this worker's shard; the epoch's metrics, or None if it diverged."""
         self.model.train()
-        loss_sum, correct, seen, batches = 0.0, 0, 0, 0
+        loss_sum, correct, seen, batches, skipped = 0.0, 0, 0, 0, 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         lr = self.settings.lr
         qualities: list[np.ndarray] = []
         started = time.perf_counter()
@@ -158,8 +159,11 @@ class StepWorker:
                 return self._stop_diverged(what, epoch + 1, batches + 1)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # The scaler lowers its scale exactly when it skipped the step (gradients overflowed).
+            skipped += int(self.scaler.is_enabled() and self.scaler.get_scale() < scale)
             self.global_step += 1
             batches += 1
             loss_sum += loss.item() * labels.numel()
@@ -181,6 +185,10 @@ class StepWorker:
             "lr": lr,
             "images_per_s": seen_total / max(elapsed, 1e-9),
         }
+        if self.scaler.is_enabled():  # the loss scale at the epoch's end and how many steps it skipped
+            metrics.update(amp_scale=self.scaler.get_scale(), amp_skipped_steps=skipped)
+        if self.device.type == "cuda":
+            metrics["gpu_peak_memory_gib"] = _all_max(torch.cuda.max_memory_allocated(self.device) / 2**30)
         if self.spec.kind.reports_quality:
             local = np.concatenate(qualities) if qualities else np.zeros(0, np.float32)
             metrics.update(quality_summary(_all_gather_array(local)))
@@ -284,13 +292,6 @@ def _first_non_finite(model: nn.Module) -> str | None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.scaling.amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if cfg.scaling.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _all_sum(values: list[float]) -> list[float]:

@@ -52,7 +52,7 @@ def test_flat_params_round_trip_through_dict():
         (["loss.m1=0"], "loss.m1: must be > 0"),
         (["loss.scale=-1"], "loss.scale: must be > 0"),
         (["step3.init=maybe"], "step3.init: must be 'scratch' or 'continue'"),
-        (["scaling.amp=fp16"], "fp16 autocast needs use_gpu"),
+        (["scaling.amp=fp32"], "scaling.amp: must be none, bf16 or fp16"),
         (["data.train=/some/where"], "data.val: a held-out dataset URI is required"),
         (["data.augment.crop_scale_min=0"], "crop_scale_min must be in (0, 1]"),
         (["model.width_mult=null"], "model.width_mult is missing a value"),

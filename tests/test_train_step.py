@@ -125,3 +125,58 @@ def test_quality_summary_percentiles():
     assert summary["quality_p95"] == pytest.approx(0.95)
     assert summary["quality_mean"] == pytest.approx(0.5)
     assert quality_summary(values[:0]) == {}
+
+
+# -- precision: autocast, loss scaling, memory layout ----------------------------------------------
+
+
+def test_scaling_builds_autocast_and_a_grad_scaler_for_fp16_only():
+    cpu = torch.device("cpu")
+    for amp, dtype, scaled in (("none", None, False), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, True)):
+        scaling = load_config([], [f"scaling.amp={amp}"]).scaling
+        autocast = scaling.autocast(cpu)
+        assert (autocast._enabled, autocast.fast_dtype if dtype else None) == (dtype is not None, dtype), amp
+        assert scaling.grad_scaler(cpu).is_enabled() is scaled, amp
+
+
+def test_fp16_with_grad_scaler_trains_and_skips_overflowing_steps():
+    """The scaler skips exactly the steps whose scaled gradients overflow (the weights stay) and lowers its
+    scale then, which is how the worker counts amp_skipped_steps; once the scale fits, steps train.
+    Its first scale (2**16) overflows the gradients of this untrained net."""
+    torch.manual_seed(0)
+    cfg = load_config([], ["scaling.amp=fp16"])
+    model = StepModel(1, *build_net_and_head(_cfg(), NUM_CLASSES))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    device = torch.device("cpu")
+    scaler = cfg.scaling.grad_scaler(device)
+    dropped, changed = [], []
+    for i in range(10):
+        before = [p.detach().clone() for p in model.net.backbone.parameters()]
+        images, labels = _batch(n=6, seed=i)
+        with cfg.scaling.autocast(device):
+            loss, _, _ = model(images, labels)
+        assert torch.isfinite(loss)
+        scale = scaler.get_scale() if i else 2.0**16
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        dropped.append(scaler.get_scale() < scale)
+        changed.append(any(not torch.equal(a, b) for a, b in zip(before, model.net.backbone.parameters(), strict=True)))
+        if changed[-1]:
+            break
+    assert dropped[0], "2**16 overflows"
+    assert [not c for c in changed] == dropped, "a step is skipped exactly when the scale drops"
+    assert changed[-1] and scaler.get_scale() > 0
+
+
+def test_step_model_feeds_nhwc_batches_to_nhwc_weights():
+    model = StepModel(1, *build_net_and_head(_cfg(), NUM_CLASSES))
+    first_conv = next(m for m in model.net.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    first_conv.register_forward_pre_hook(lambda _, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    images, labels = _batch()
+    loss, _, _ = model(images, labels)
+    assert seen == [True] and torch.isfinite(loss)
