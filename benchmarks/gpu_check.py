@@ -84,7 +84,7 @@ GPU = Sizes(
 SMOKE = Sizes(
     files=("default.yaml", "tiny.yaml"),
     overrides=("model.backbone=r18", "model.width_mult=0.125", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5"),
-    identities=8, per_identity=8, epochs=1, stability_iterations=8, head_classes=2_000, head_epochs=1,
+    identities=8, per_identity=8, epochs=1, stability_iterations=8, head_classes=256, head_epochs=1,
 )
 
 
