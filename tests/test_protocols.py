@@ -217,3 +217,36 @@ def test_video_features_and_accuracy_over_the_splits():
     scores, same, splits = ytf.pair_scores([pair], feats)
     np.testing.assert_allclose(scores["qwfaf"], [0.6])
     assert same.tolist() == [False] and splits.tolist() == [1]
+
+
+def test_embeddings_of_another_model_or_face_list_are_refused_before_anything_runs(sets, tmp_path):
+    opts = protocol_eval.ProtocolOptions(protocol="ijbc", root=str(sets["ijb"]), model="a.pt", out=str(tmp_path))
+    faces, _ = protocol_eval.list_faces(opts, Problems())
+    out_dir = str(tmp_path / protocol_eval.EMBEDDINGS_DIR)
+    protocol_eval.check_run_record(out_dir, protocol_eval.run_record(opts, 32, faces), overwrite=False)
+    protocol_eval.check_run_record(out_dir, protocol_eval.run_record(opts, 32, faces), overwrite=False)  # same: ok
+    (tmp_path / protocol_eval.EMBEDDINGS_DIR / "part-00000.parquet").write_bytes(b"kept")
+    other = protocol_eval.ProtocolOptions(protocol="ijbc", root=str(sets["ijb"]), model="b.pt", out=str(tmp_path))
+    with pytest.raises(ProtocolError, match=r"holds embeddings made with model='a.pt', not 'b.pt'; use another "
+                                            r"--out, or --overwrite"):
+        protocol_eval.check_run_record(out_dir, protocol_eval.run_record(other, 32, faces), overwrite=False)
+    with pytest.raises(ProtocolError, match="made with num_faces=36, not 35"):
+        protocol_eval.check_run_record(out_dir, protocol_eval.run_record(opts, 32, faces[1:]), overwrite=False)
+    assert (tmp_path / protocol_eval.EMBEDDINGS_DIR / "part-00000.parquet").read_bytes() == b"kept"
+    protocol_eval.check_run_record(out_dir, protocol_eval.run_record(other, 32, faces), overwrite=True)
+    assert not (tmp_path / protocol_eval.EMBEDDINGS_DIR / "part-00000.parquet").exists()
+
+
+def test_shards_are_reused_only_when_their_footer_says_they_are_complete(tmp_path):
+    columns = {"index": [0, 1], "image": ["a", "b"], "template": [1, 1], "media": [5, 6],
+               "embedding": [np.ones(4), np.ones(4)], "quality": [0.5, 0.6], "detector_score": [0.9, 0.8],
+               "norm": [1.0, 2.0]}
+    protocol_eval.write_part(str(tmp_path), 0, 0, 3, columns, ["image c: broken"])
+    assert protocol_eval.shard_complete(str(tmp_path), 0, 0, 3)  # 2 rows + 1 skipped = the shard's 3 faces
+    assert not protocol_eval.shard_complete(str(tmp_path), 0, 0, 4)  # another shard size
+    assert not protocol_eval.shard_complete(str(tmp_path), 1, 3, 6)  # not written
+    (tmp_path / "part-00001.parquet").write_bytes(b"PAR1 cut")
+    assert not protocol_eval.shard_complete(str(tmp_path), 1, 3, 6)  # unreadable: computed again
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    table, skipped = protocol_eval.read_embeddings(str(tmp_path), [(0, 0, 3)])
+    assert table.column_names[:4] == ["index", "image", "template", "media"] and skipped == ["image c: broken"]
