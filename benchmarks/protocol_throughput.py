@@ -6,9 +6,9 @@
 Both paths do the same work on the same images, an IJB set written from ../shared/data/faces (LFW photos as
 rotated loose crops with five landmarks, tests/protocol_sets.py): read each file, decode, align from the
 landmarks onto the 112x112 template, run the untrained network on the image and its mirror (flip-sum
-embedding, quality). (a) one Python loop, torch on one thread and on every core; (b) the Ray Data job: decode and align as
-tasks, the model in `--actors` actors, shards written to Parquet. Ray's start-up is left out of (b); the
-actors' start is in it.
+embedding, quality). (a) one Python loop, torch on one thread and on every core; (b) the Ray Data job:
+decode and align as tasks (fused into the actors when both ask for CPUs only, as here), the model in
+`--actors` actors, shards written to Parquet. Ray's start-up is left out of (b); the actors' start is in it.
 
 Extrapolation to IJB-C's 469,375 images assumes the cost per image stays what it is here (the crops here are
 160x160 JPEGs; IJB-C's loose crops vary in size, larger ones decode slower). Per GPU: the network's FLOPs
