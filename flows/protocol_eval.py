@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import storage
+from data.pipeline import to_rgb
 from evaluation.align import align_face
 from evaluation.plots import plot_roc
 from evaluation.protocols import Face, Problems, ProtocolError, ijb, ytf
@@ -223,7 +224,7 @@ def face_pixels(data: bytes, landmarks: Sequence[float], image_size: int, center
     input size."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)  # as training decodes: 16-bit and float images rescaled, not clipped
     if len(landmarks):
         return np.asarray(align_face(rgb, landmarks, image_size), np.uint8)
     if center_crop < 1:
