@@ -250,3 +250,20 @@ def test_shards_are_reused_only_when_their_footer_says_they_are_complete(tmp_pat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
     table, skipped = protocol_eval.read_embeddings(str(tmp_path), [(0, 0, 3)])
     assert table.column_names[:4] == ["index", "image", "template", "media"] and skipped == ["image c: broken"]
+
+
+def test_the_command_line_asks_for_root_and_reports_bad_protocol_input_in_one_line(tmp_path, capsys):
+    from flows import evaluate
+    from tests.tiny_model import tiny_model
+
+    for argv in (["--model", "m", "--protocol", "ijbc"], ["--model", "m", "--protocol", "ytf", "--root", "r",
+                                                          "--pairs", "p"], ["--model", "m"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(argv)
+    model = tiny_model(tmp_path / "net.pt")
+    (tmp_path / "ijb" / "meta").mkdir(parents=True)
+    code = evaluate.main(["--model", str(model), "--protocol", "ijbb", "--root", str(tmp_path / "ijb"),
+                          "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("evaluate: error: missing meta file(s): ") and "ijbb_face_tid_mid.txt" in err[0]
