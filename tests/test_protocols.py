@@ -260,6 +260,7 @@ def test_the_command_line_asks_for_root_and_reports_bad_protocol_input_in_one_li
                                                           "--pairs", "p"], ["--model", "m"]):
         with pytest.raises(SystemExit):
             evaluate.parse_args(argv)
+    capsys.readouterr()
     model = tiny_model(tmp_path / "net.pt")
     (tmp_path / "ijb" / "meta").mkdir(parents=True)
     code = evaluate.main(["--model", str(model), "--protocol", "ijbb", "--root", str(tmp_path / "ijb"),
