@@ -35,9 +35,11 @@ def apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
     return points @ m[:, :2].T + m[:, 2]
 
 
-def lfw_people(n_people: int, photos: int) -> list[tuple[str, list[Path]]]:
+def lfw_people(n_people: int, photos: int, exclude: tuple[str, ...] = ()) -> list[tuple[str, list[Path]]]:
     people = []
     for folder in sorted((FACES / "lfwgrey").iterdir()):
+        if folder.name in exclude:
+            continue
         files = sorted(folder.glob("*.jpg"))
         if len(files) >= photos:
             people.append((folder.name, files[:photos]))
@@ -46,18 +48,20 @@ def lfw_people(n_people: int, photos: int) -> list[tuple[str, list[Path]]]:
     return people
 
 
-def write_ijb(root: Path, name: str = "ijbc", n_people: int = 6, photos: int = 6, seed: int = 0) -> dict:
+def write_ijb(root: Path, name: str = "ijbc", n_people: int = 6, photos: int = 6, seed: int = 0,
+              exclude: tuple[str, ...] = ()) -> dict:
     """meta/<name>_{face_tid_mid,name_5pts_score,template_pair_label}.txt and loose_crop/*.jpg.
 
     Person p: template 2p+1 = photos 0..h-1, template 2p+2 = photos h..; within a template, media of two
-    photos then one. Pairs: every template pair (genuine: the two of one person). Returns what was written.
+    photos then one. Pairs: every template pair (genuine: the two of one person). `exclude`: people to leave
+    out (e.g. a model's training people). Returns what was written.
     """
     rng = np.random.default_rng(seed)
     (root / "meta").mkdir(parents=True, exist_ok=True)
     (root / "loose_crop").mkdir(exist_ok=True)
     face_lines, mark_lines, owners = [], [], {}
     image_no, media_no = 0, 100
-    for p, (_, files) in enumerate(lfw_people(n_people, photos)):
+    for p, (_, files) in enumerate(lfw_people(n_people, photos, exclude)):
         half = len(files) // 2
         for t, group in ((2 * p + 1, files[:half]), (2 * p + 2, files[half:])):
             owners[t] = p
@@ -88,13 +92,15 @@ def write_ijb(root: Path, name: str = "ijbc", n_people: int = 6, photos: int = 6
             "genuine": sum(line.endswith(" 1") for line in pair_lines)}
 
 
-def write_ytf(root: Path, n_people: int = 10, frames: int = 5) -> dict:
+def write_ytf(root: Path, n_people: int = 10, frames: int = 5, last: bool = False) -> dict:
     """splits.txt and aligned_images_DB/<person>/<video>/aligned_detect_<video>.<frame>.jpg.
 
     Person i: video 0 = `frames` of the better-lit half of its Yale B series, video 1 = of the worse-lit
     half. Split i+1 holds the genuine pair of person i and an impostor pair (i's video 0, i+1's video 1).
+    `last`: the last people in name order (those flows.realfaces holds out) instead of the first.
     """
-    people = sorted(p.name for p in (FACES / "yaleb").iterdir() if p.is_dir())[:n_people]
+    people = sorted(p.name for p in (FACES / "yaleb").iterdir() if p.is_dir())
+    people = people[-n_people:] if last else people[:n_people]
     for person in people:
         series = sorted((FACES / "yaleb" / person).glob("*_P00A*.png"), key=lambda p: yaleb_light_angle(p.name)[2])
         half = len(series) // 2
