@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from data import storage
 from evaluation.protocols import Face, Problems, ProtocolError, open_text
@@ -186,21 +187,20 @@ def face_weights(weighting: str, templates: np.ndarray, quality: np.ndarray, det
 def template_features(templates: np.ndarray, medias: np.ndarray, unit: np.ndarray, weights: np.ndarray,
                       keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sorted template ids (T,), L2-normalised template features (T, E) float32): the mean of
-    weight x unit feature within each medium, summed over the template's media (insightface's convention)."""
-    keep = np.ones(templates.size, bool) if keep is None else keep
-    t, m, w = templates[keep], medias[keep], weights[keep]
-    feats = unit[keep] * w[:, None]
-    order = np.lexsort((m, t))
-    t, m, feats = t[order], m[order], feats[order]
-    new_media = np.r_[True, (t[1:] != t[:-1]) | (m[1:] != m[:-1])]
-    starts = np.flatnonzero(new_media)
-    counts = np.diff(np.r_[starts, t.size])
-    media_feats = np.add.reduceat(feats, starts, axis=0) / counts[:, None]
-    media_templates = t[starts]
-    new_template = np.r_[True, media_templates[1:] != media_templates[:-1]]
-    t_starts = np.flatnonzero(new_template)
-    template_feats = np.add.reduceat(media_feats, t_starts, axis=0)
-    return media_templates[t_starts], l2_normalize(template_feats).astype(np.float32)
+    weight x unit feature within each medium, summed over the template's media (insightface's convention).
+
+    One sparse (T, N) x (N, E) product: face i enters its template with weight_i / (faces kept in its
+    medium), so no (N, E) copy of the features is made (IJB-C: 469k x 512).
+    """
+    keep = np.ones(templates.size, bool) if keep is None else np.asarray(keep, bool)
+    rows = np.flatnonzero(keep)
+    t, m = templates[rows], medias[rows]
+    ids, t_index = np.unique(t, return_inverse=True)
+    _, media_index, media_sizes = np.unique(np.stack([t, m], axis=1), axis=0, return_inverse=True,
+                                            return_counts=True)
+    coef = np.asarray(weights, np.float64)[rows] / media_sizes[media_index.reshape(-1)]
+    combine = sparse.csr_matrix((coef, (t_index.reshape(-1), rows)), shape=(ids.size, templates.size))
+    return ids, l2_normalize(np.asarray(combine @ unit, np.float64)).astype(np.float32)
 
 
 def template_lookup(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
