@@ -7,7 +7,7 @@
 1. The protocol's files are read streaming (evaluation/protocols) into one row per face.
 2. A Ray Data job embeds them: decoding and alignment (IJB: the five landmarks onto insightface's 112x112
    template, then the model's input size; YTF: an optional centre crop) run as tasks, the model in a pool
-   of `--actors` actors (`map_batches` with `concurrency`, `--gpus-per-actor` GPUs each): flip-sum
+   of `--actors` actors (`map_batches` with an actor pool of that size, `--gpus-per-actor` GPUs each): flip-sum
    embeddings, EQFace quality, the raw feature's norm.
 3. Results go to OUT/embeddings.parquet/, one Parquet file per shard of `--shard-size` faces, each written
    whole under its final name only once complete: a re-run reuses every shard already there, an
@@ -276,7 +276,8 @@ def embedding_dataset(opts: ProtocolOptions, net: torch.nn.Module, image_size: i
                         fn_kwargs={"root": opts.root, "image_size": image_size, "center_crop": opts.center_crop})
     return ds.map_batches(Embedder, batch_size=opts.batch_size, batch_format="numpy",
                           fn_constructor_kwargs={"net": net, "batch_size": opts.batch_size},
-                          concurrency=opts.actors, num_gpus=opts.gpus_per_actor, num_cpus=opts.cpus_per_actor)
+                          compute=ray.data.ActorPoolStrategy(size=opts.actors),  # `concurrency=` is deprecated
+                          num_gpus=opts.gpus_per_actor, num_cpus=opts.cpus_per_actor)
 
 
 def face_row(index: int, face: Face) -> dict[str, Any]:
@@ -529,7 +530,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--protocol", choices=PROTOCOLS, help="evaluate on a public protocol's files under --root")
     group.add_argument("--root", help="the protocol's folder (IJB: meta/ and loose_crop/; YTF: splits.txt and "
                                       "aligned_images_DB/), local or s3://")
-    group.add_argument("--actors", type=int, default=1, help="model actors of the Ray Data job (concurrency)")
+    group.add_argument("--actors", type=int, default=1, help="model actors of the Ray Data job (the actor pool's size)")
     group.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: CPU")
     group.add_argument("--cpus-per-actor", type=float, default=1.0)
     group.add_argument("--shard-size", type=int, default=20_000, help="faces per Parquet shard (the unit of resume)")
