@@ -3,6 +3,7 @@
     python -m flows.evaluate --model <MLflow model URI | checkpoint dir/URI | net.pt> --pairs <pairs dataset>
     python -m flows.evaluate --model ... --dataset <labelled shard dataset> [--num-genuine N --num-impostor N]
         [--image-size N] [--out DIR] [--serfiq] [--seed S]
+    python -m flows.evaluate --model ... --protocol ijbc|ijbb|ytf --root DIR --out DIR   (flows/protocol_eval.py)
 
 Prints the verification table (k-fold accuracy with flip-sum embeddings, TAR at FAR 1e-2/1e-3/1e-4
 where the pair count allows), the error-versus-discard areas of the EQFace quality and the baselines
@@ -51,6 +52,7 @@ from evaluation.quality_assessment import (
     yaleb_light_angle,
 )
 from evaluation.verification import Embedded, count_available_pairs, embed_images, make_pairs, verify_scores
+from flows import protocol_eval
 from flows.checkpoints import load_net_from
 from flows.tracking import check_reachable
 
@@ -522,7 +524,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         required=True,
         help="MLflow model URI (models:/..., runs:/...), checkpoint dir/URI, or net.pt",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--pairs", help="pairs dataset URI (see data.pairs / data.convert)")
     source.add_argument(
         "--dataset", help="labelled shard dataset URI: genuine/impostor pairs are drawn from it"
@@ -542,19 +544,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--image-size", type=int, default=None, help="model input size (default: the model's)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("evaluation_out"), help="folder for plots and report.json"
+        "--out", default="evaluation_out", help="folder for plots and report.json (with --protocol: local or s3://)"
     )
     parser.add_argument(
         "--serfiq", action="store_true", help=f"add SER-FIQ ({SERFIQ_PASSES} dropout passes per image)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    protocol_eval.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.protocol and (args.pairs or args.dataset or not args.root):
+        parser.error("--protocol takes --root (and not --pairs / --dataset)")
+    if not args.protocol and not (args.pairs or args.dataset):
+        parser.error("one of the arguments --pairs --dataset --protocol is required")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
+    if args.protocol:
+        try:
+            opts = protocol_eval.options_from(args)
+            net, image_size = load_model(args.model, args.image_size)
+        except (ModelLoadError, ValueError) as exc:
+            print(f"evaluate: error: {exc}", file=sys.stderr)
+            return 2
+        return protocol_eval.main(opts, net, image_size)
     try:
         net, image_size = load_model(args.model, args.image_size)
         data = load_pair_set(args, image_size)
@@ -571,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report["model"] = args.model
     report["image_size"] = image_size
-    files = write_outputs(args.out, report, curves, arrays)
+    files = write_outputs(Path(args.out), report, curves, arrays)
     print(format_report(report))
     print("\nwritten: " + ", ".join(files.values()))
     return 0
