@@ -98,9 +98,7 @@ def split_dataset(uri: str, fraction: float, seed: int = 0) -> DatasetSplit:
     if fraction <= 0:
         return DatasetSplit(0.0, {})
     all_labels, keys, sizes = _labels_and_keys(uri)
-    if all_labels.size == 0:
-        raise DatasetError(f"{uri}: the training set has no images")
-    if np.bincount(all_labels).max() < 2:
+    if all_labels.size == 0 or np.bincount(all_labels).max() < 2:
         raise DatasetError(f"{uri}: every identity has one photo, so data.quality_holdout={fraction} can hold none "
                            f"back for the quality steps (use a set with several photos per person, or 0)")
     held = holdout_mask(all_labels, keys, fraction, seed)

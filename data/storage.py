@@ -142,7 +142,8 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Local: write a temp file then os.replace; S3: a single PUT (atomic per object)."""
+    """Local: write a temp file then os.replace; S3: a single PUT (atomic per object). The temp file's name
+    starts with '.', so a write killed midway leaves nothing a reader of the folder (pyarrow, a glob) picks up."""
     if is_s3(uri):
         fs, path = resolve(uri)
         with fs.open_output_stream(path) as f:
@@ -150,7 +151,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         return
     _, path = resolve(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

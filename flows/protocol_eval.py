@@ -182,27 +182,7 @@ def write_part(out_dir: str, shard: int, start: int, stop: int, columns: dict[st
     meta = {SHARD_META_KEY: json.dumps({"first": start, "count": stop - start, "skipped": skipped}).encode()}
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(meta), buf)
-    write_hidden_then_rename(part_uri(out_dir, shard), buf.getvalue())
-
-
-def write_hidden_then_rename(uri: str, data: bytes) -> None:
-    """Atomic, as storage.write_bytes_atomic, but the temporary file's name starts with '.': a run killed
-    mid-write leaves nothing that `pq.read_table(OUT/embeddings.parquet)` would try to read."""
-    if storage.is_s3(uri):
-        storage.write_bytes_atomic(uri, data)  # one PUT: atomic, nothing half-written is ever listed
-        return
-    _, path = storage.resolve(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    storage.write_bytes_atomic(part_uri(out_dir, shard), buf.getvalue())
 
 
 def read_embeddings(out_dir: str, shards: Sequence[tuple[int, int, int]]) -> tuple[pa.Table, list[str]]:

@@ -63,8 +63,7 @@ def prepare_datasets(cfg: Config) -> Datasets:
         if seen:
             raise DatasetError(f"data.eval_sets.{name}: {len(seen)} of its people are also in data.train "
                                f"(e.g. {seen[0]!r}), so its figures would not be held out")
-    if cfg.data.quality_holdout <= 0:
-        check_training_set(train_uri)  # split_dataset checks the same, and more, when it holds rows back
+    check_training_set(train_uri)
     split = split_dataset(train_uri, cfg.data.quality_holdout, seed=cfg.flow.seed)
     return Datasets(train_uri, val_uri, manifest.num_classes, manifest.num_samples, split, dict(cfg.data.eval_sets))
 
