@@ -100,7 +100,7 @@ def flow(server, tmp_path_factory):
             proc = submit_flow(ray_stack, [
                 "--config", "configs/default.yaml", "--config", "configs/tiny.yaml", f"flow.name={name}",
                 f"flow.storage={work / 'runs'}", f"data.cache_root={work / 'data'}", "flow.loops=0",
-                "step1.epochs=2", "scaling.num_workers=1"], timeout=600)
+                "step1.epochs=2", "scaling.num_workers=1"], timeout=900)
             wall = time.monotonic() - started
             jobs = _jobs(ray_stack)
             ray_files = _files_under(Path(ray_stack.services["ray"].info["temp_dir"]))

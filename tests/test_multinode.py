@@ -75,7 +75,7 @@ def flow(cluster):
             f"flow.storage=s3://{BUCKET}/runs", f"data.cache_root=s3://{BUCKET}/datasets",
             "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=SPREAD"]
     start = time.monotonic()
-    proc = submit_flow(cluster, args, timeout=420)
+    proc = submit_flow(cluster, args, timeout=900)
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     nodes = _ray_list(cluster, "nodes", "--detail")
