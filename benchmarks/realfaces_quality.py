@@ -145,24 +145,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
     parser.add_argument("overrides", nargs="*", help="more key.sub=value overrides of the flow")
     args = parser.parse_args(argv)
-    walls: dict[str, float] = {}
     if args.flows:
-        uri, names = args.tracking_uri or os.environ["MLFLOW_TRACKING_URI"], args.flows
-    else:
-        if not (args.data / "degraded" / "manifest.json").exists() and realfaces.main(["--out", str(args.data)]):
-            return 2
-        args.work.mkdir(parents=True, exist_ok=True)
-        try:
-            uri, walls = run_flows(args, args.data)
-        finally:
-            Stack.load(args.work / "stack").stop_all()
-        names = list(walls)
+        report(args, args.tracking_uri or os.environ["MLFLOW_TRACKING_URI"], args.flows, {})
+        return 0
+    if not (args.data / "degraded" / "manifest.json").exists() and realfaces.main(["--out", str(args.data)]):
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        uri, walls = run_flows(args, args.data)
+        report(args, uri, list(walls), walls)  # while the stack's MLflow server still runs
+    finally:
+        Stack.load(args.work / "stack").stop_all()
+    return 0
+
+
+def report(args, uri: str, names: list[str], walls: dict[str, float]) -> None:
     client = MlflowClient(uri)
     results = {name: flow_figures(client, args.experiment, name) for name in names}
     print_report(results, walls)
     if args.json:
         args.json.write_text(json.dumps({"figures": results, "wall_s": walls}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
