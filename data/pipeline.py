@@ -18,11 +18,14 @@ Reproducibility
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import posixpath
+import warnings
 import zlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -65,6 +68,21 @@ def to_model_input(pixels: torch.Tensor) -> torch.Tensor:
 
 class WrongImageSize(ValueError):
     """An image whose size is not the one its dataset's manifest states (e.g. a shard from another dataset)."""
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Inside: PIL refuses to open an image of more than `max_pixels` (Image.DecompressionBombError or
+    DecompressionBombWarning raised), whatever it was set to before, which is restored after."""
+    saved_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        with warnings.catch_warnings():
+            # PIL only warns between 1x and 2x its limit; refuse everything above it.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved_limit
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data.pipeline import (
-    normalise,
-    to_rgb,  # noqa: F401 - shared with training's decoding; importable from here
-)
+from data.pipeline import normalise, pixel_limit, to_rgb
 from evaluation.verification import embed_images
 from flows.evaluate import ModelLoadError, load_model
 
@@ -77,23 +73,16 @@ def read_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes:
     if size > max_bytes:
         raise UnreadableImageError(f"file too large ({size / 2**20:.1f} MiB > --max-bytes "
                                    f"{max_bytes / 2**20:.1f} MiB), not read")
-    saved_limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x the limit; refuse everything above it.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return to_rgb(img)
+        with pixel_limit(max_pixels), Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImageError(f"too large, refused as a possible decompression bomb ({exc})") from None
     except Image.UnidentifiedImageError:
         raise UnreadableImageError("not an image PIL can identify") from None
     except Exception as exc:  # truncated data, bad header, unsupported mode, ...
         raise UnreadableImageError(f"{type(exc).__name__}: {exc}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved_limit
 
 
 def face_pixels(img: Image.Image, image_size: int) -> np.ndarray:

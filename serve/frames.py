@@ -7,12 +7,11 @@ A frame that cannot be used raises BadFrame with one line saying why (the API an
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image
 
-from data.pipeline import to_rgb
+from data.pipeline import pixel_limit, to_rgb
 from serve.errors import ServiceError
 
 
@@ -26,18 +25,13 @@ def decode_frame(data: bytes, image_size: int, max_bytes: int, max_pixels: int) 
         raise BadFrame("empty image (0 bytes)")
     if len(data) > max_bytes:
         raise BadFrame(f"image too large ({len(data)} bytes > max_frame_bytes {max_bytes})", status=413)
-    saved_limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        with warnings.catch_warnings():
-            # PIL only warns between 1x and 2x its limit; refuse everything above it.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > max_pixels:
-                    raise BadFrame(f"image too large ({img.width}x{img.height} px > max_pixels {max_pixels})",
-                                   status=413)
-                img.load()
-                rgb = to_rgb(img)
+        with pixel_limit(max_pixels), Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise BadFrame(f"image too large ({img.width}x{img.height} px > max_pixels {max_pixels})",
+                               status=413)
+            img.load()
+            rgb = to_rgb(img)
     except BadFrame:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -46,8 +40,6 @@ def decode_frame(data: bytes, image_size: int, max_bytes: int, max_pixels: int) 
         raise BadFrame("not an image PIL can decode (JPEG, PNG, BMP, ...)") from None
     except Exception as exc:  # truncated data, bad header, unsupported mode, ...
         raise BadFrame(f"undecodable image: {type(exc).__name__}: {exc}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved_limit
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
