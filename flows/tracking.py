@@ -242,9 +242,10 @@ class FlowTracker:
         self._log_params(run.info.run_id)
         return StepRun(run.info.run_id, False, None)
 
-    def log_figures(self, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes]) -> None:
-        """A step's held-out metrics (at its last epoch) and plots."""
-        what = f"logging the held-out figures of run {run_id}"
+    def log_figures(self, run_id: str, metrics: dict[str, float], artifacts: dict[str, bytes],
+                    what: str | None = None) -> None:
+        """A step's held-out metrics (at its last epoch) and plots; `what` names the caller's task in errors."""
+        what = what or f"logging the held-out figures of run {run_id}"
         now = int(time.time() * 1000)  # fixed before any retry: a re-sent metric is the same row, not a new one
         run = self.call(what, self.client.get_run, run_id)
         final_step = StepKind(int(run.data.tags[TAG_KIND])).settings(self.cfg).epochs
@@ -259,7 +260,7 @@ class FlowTracker:
     def complete_step(self, run_id: str, checkpoint_uri: str, metrics: dict[str, float],
                       artifacts: dict[str, bytes]) -> None:
         what = f"completing the step run {run_id}"
-        self.log_figures(run_id, metrics, artifacts)
+        self.log_figures(run_id, metrics, artifacts, what)
         # The checkpoint URI last: a run is complete only once everything else is on it.
         self.call(what, self.client.log_batch, run_id,
                   tags=[RunTag(TAG_CHECKPOINT, checkpoint_uri), RunTag(TAG_COMPLETE, "true")])
