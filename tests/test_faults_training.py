@@ -40,10 +40,9 @@ TINY = DEFAULT_CONFIG.parent / "tiny.yaml"
 EPOCH_METRICS = ("loss", "top1", "lr", "images_per_s")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a reported checkpoint is registered
 # Diverges on the tiny config after >= 1 good epoch: lr x weight_decay far above SGD's stability limit
-# 2(1 + momentum) makes the decay step overshoot, so the weights grow geometrically (x3-4 per batch once
-# warm-up has ramped the lr past ~400) until float32 overflows to inf and the loss to NaN.
-# Measured on tiny (12 batches an epoch): lr=2000 over a 4-epoch warm-up now blows up in epoch 1, before any
-# checkpoint; 1000 diverges in epoch 3 (loss or a BatchNorm statistic), after two good epochs.
+# 2(1 + momentum) makes the decay step overshoot, so the weights grow geometrically as warm-up ramps the lr
+# until float32 overflows to inf (a BatchNorm statistic or the loss). Measured on tiny (12 batches an epoch):
+# lr=1000 diverges in epoch 3, after two good epochs; lr=2000 already in epoch 1, before any checkpoint.
 DIVERGING = ("step1.lr=1000", "step1.warmup_epochs=4", "step1.weight_decay=0.01")
 
 
