@@ -1,7 +1,8 @@
 """The figures only an accelerator can give, in one short run that prints one table.
 
-    bash benchmarks/gpu_check.sh                    # on a 1-GPU host: venv + CUDA torch, then this script
-    python -m benchmarks.gpu_check [--work DIR] [--json FILE]   # the same, in an environment that has them
+    bash benchmarks/gpu_check.sh --host .gpu-host --results DIR   # the GPU host: its own python3 and torch
+    bash benchmarks/gpu_check.sh                    # on a 1-GPU host with network: venv + CUDA torch, then this
+    python -m benchmarks.gpu_check [--work DIR] [--results DIR]   # the same, in an environment that has them
     python -m benchmarks.gpu_check --smoke          # CPU, tiny sizes: ~40 s of CPU (tests/test_gpu_check.py)
 
 Every figure comes from the project's own code: step 1 runs through the flow's step runner
@@ -24,16 +25,22 @@ configs/tiny.yaml on the CPU instead: the same code, except the CUDA calls.
 5. ONNX: the trained network of (1) on the device exported and run in onnxruntime (CPU provider); the
    largest difference to the device's float32 outputs (TF32 off), relative to their magnitude.
 
-A check that fails is marked FAIL in the table and the exit status is 1.
+A check that fails is marked FAIL in the table and the exit status is 1. Each check has a time cap of its own
+(`Sizes.caps`) inside one budget for the run (`Sizes.budget_s`): a check past its cap is a FAIL row and the
+next one runs. Each row prints as its check ends, and `--results DIR` gets, after every check, the table
+(table.md) and the figures (figures.json); at the end also imports.txt, where each module this process
+imported came from. A run cut off from outside still leaves what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -73,6 +80,12 @@ class Sizes:
     stability_iterations: int
     head_classes: int
     head_epochs: int
+    caps: dict[str, float]  # seconds per check (the dataset's generation counts as one)
+    budget_s: float  # the whole run: a check gets at most what is left of it
+
+
+class CheckTimeout(Exception):
+    """A check ran past its time cap."""
 
 
 GPU = Sizes(
@@ -80,11 +93,16 @@ GPU = Sizes(
     overrides=("model.backbone=r50", "model.head=full", "model.head_sample_rate=1.0", "step1.batch_size=128",
                "scaling.use_gpu=true", "data.shuffle_buffer=4096"),
     identities=250, per_identity=48, epochs=4, stability_iterations=300, head_classes=100_000, head_epochs=2,
+    # One host command has 8 minutes for unpacking, these and Python's start: 450 s, check 1 the largest.
+    caps={"dataset": 75, "throughput": 170, "stability": 60, "head": 90, "pipeline": 30, "onnx": 40}, budget_s=450,
 )
 SMOKE = Sizes(
     files=("default.yaml", "tiny.yaml"),
     overrides=("model.backbone=r18", "model.width_mult=0.125", "scaling.use_gpu=false", "scaling.cpus_per_worker=0.5"),
     identities=8, per_identity=8, epochs=1, stability_iterations=8, head_classes=256, head_epochs=1,
+    # A loaded 2-core CI machine: caps that only a hung check reaches.
+    caps={"dataset": 300, "throughput": 600, "stability": 300, "head": 300, "pipeline": 300, "onnx": 300},
+    budget_s=1500,
 )
 
 
@@ -94,6 +112,9 @@ class Report:
 
     rows: list[tuple[str, str, str, bool | None]] = field(default_factory=list)
     figures: dict[str, float | int | str | bool] = field(default_factory=dict)
+    header: str = ""
+    results: Path | None = None  # --results: rewritten after every check
+    printed: int = 0  # rows already printed
 
     def add(self, section: str, what: str, value: str, ok: bool | None = None, **figures) -> None:
         self.rows.append((section, what, value, ok))
@@ -104,10 +125,41 @@ class Report:
         return [f"{s}: {w}" for s, w, _, ok in self.rows if ok is False]
 
     def table(self) -> str:
-        lines = ["| check | measure | figure | |", "|---|---|---|---|"]
-        for section, what, value, ok in self.rows:
-            lines.append(f"| {section} | {what} | {value} | {'' if ok is None else 'ok' if ok else 'FAIL'} |")
-        return "\n".join(lines)
+        return "\n".join(TABLE_HEAD + [row_line(row) for row in self.rows])
+
+    def flush(self) -> None:
+        """Prints the rows added since the last call, and writes the results folder."""
+        if self.printed == 0:
+            print("\n".join(["", self.header, "", *TABLE_HEAD]), flush=True)
+        for row in self.rows[self.printed:]:
+            print(row_line(row), flush=True)
+        self.printed = len(self.rows)
+        if self.results is not None:
+            write_atomically(self.results / "table.md", f"{self.header}\n\n{self.table()}\n")
+            write_atomically(self.results / "figures.json", json.dumps({"rows": self.rows, "figures": self.figures},
+                                                                         indent=1))
+
+
+TABLE_HEAD = ["| check | measure | figure | |", "|---|---|---|---|"]
+
+
+def row_line(row: tuple[str, str, str, bool | None]) -> str:
+    section, what, value, ok = row
+    return f"| {section} | {what} | {value} | {'' if ok is None else 'ok' if ok else 'FAIL'} |"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (or a run cut off mid-write) sees the previous whole file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_imports(path: Path) -> None:
+    """Where each module of this process came from: tests/test_gpu_check.py holds them to the host's packages,
+    the carried folder and this repository."""
+    lines = sorted(f"{name}\t{getattr(mod, '__file__', None) or ''}" for name, mod in list(sys.modules.items()))
+    write_atomically(path, "\n".join(lines) + "\n")
 
 
 def base_config(sizes: Sizes, work: Path) -> Config:
@@ -238,27 +290,30 @@ def start_ray(device: torch.device) -> None:
              else 0, include_dashboard=False, log_to_driver=False)
 
 
-def run(sizes: Sizes, work: Path, device: torch.device) -> Report:
-    report = Report()
+def run(sizes: Sizes, work: Path, device: torch.device, report: Report) -> Report:
     cfg = base_config(sizes, work)
     shutil.rmtree(cfg.flow.storage, ignore_errors=True)  # a step run name found there would resume, not train
-    started = time.perf_counter()
-    data = prepare_datasets(cfg)  # generated on first use, cached in work/datasets
-    report.figures["time.dataset_s"] = time.perf_counter() - started
+    deadline = time.monotonic() + sizes.budget_s
+    data = None
+    with check(report, "dataset", "0 synthetic shards", sizes, deadline, device):
+        started = time.perf_counter()
+        data = prepare_datasets(cfg)  # generated on first use, cached in work/datasets
+        report.add("0 synthetic shards", f"{data.num_train:,} images, {data.num_classes:,} identities",
+                   f"{time.perf_counter() - started:.0f} s")
+    if data is None:
+        return report  # nothing to train on: the error row says why
     jobs: dict = {}
     try:
-        with check(report, "throughput", "1 throughput"):
+        with check(report, "throughput", "1 throughput", sizes, deadline, device):
             check_throughput(cfg, data, sizes, device, report, jobs)
-        if not ray.is_initialized():  # (1) failed before its Ray jobs
-            start_ray(device)
-        with check(report, "stability", "2 stability fp16"):
+        with check(report, "stability", "2 stability fp16", sizes, deadline, device):
             check_stability(cfg, data, needs(jobs, "fp16")[0], report)
-        with check(report, "head", f"3 head, {sizes.head_classes:,} ids"):
+        with check(report, "head", f"3 head, {sizes.head_classes:,} ids", sizes, deadline, device):
             check_sharded_head(cfg, data, sizes, device, report)
-        with check(report, "pipeline", "4 data pipeline"):
+        with check(report, "pipeline", "4 data pipeline", sizes, deadline, device):
             needs(jobs, "bf16")
             check_data_pipeline(cfg, data, sizes, report.figures["throughput.bf16.ray_images_per_s"], report)
-        with check(report, "onnx", "5 ONNX"):
+        with check(report, "onnx", "5 ONNX", sizes, deadline, device):
             check_onnx(cfg, needs(jobs, "bf16")[1], device, work, report)
     finally:
         ray.shutdown()
@@ -272,17 +327,34 @@ def needs(jobs: dict, amp: str):
 
 
 @contextmanager
-def check(report: Report, name: str, section: str):
-    """One check: its wall seconds as figure time.<name>_s (where the run's minutes go); an error becomes a
-    FAIL row, in one line, and the next check runs: a GPU's minutes are too scarce to lose the rest to one."""
+def check(report: Report, name: str, section: str, sizes: Sizes, deadline: float, device: torch.device):
+    """One check under its time cap (`sizes.caps[name]`, at most what is left of the run's budget): its wall
+    seconds as figure time.<name>_s (where the run's minutes go); an error or the cap becomes a FAIL row, in one
+    line, and the next check runs on a fresh Ray: a GPU's minutes are too scarce to lose the rest to one."""
+    cap = min(sizes.caps[name], deadline - time.monotonic())
     started = time.perf_counter()
+
+    def over_cap(signum, frame):
+        raise CheckTimeout(f"over its {cap:.0f} s cap")
+
+    previous = signal.signal(signal.SIGALRM, over_cap)
     try:
+        if cap <= 0:
+            raise CheckTimeout("not started: the run's time budget is spent")
+        signal.setitimer(signal.ITIMER_REAL, cap)
         yield
     except Exception as exc:  # noqa: BLE001 - reported in the table and the exit status
+        signal.setitimer(signal.ITIMER_REAL, 0)
         message = (str(exc).strip().splitlines() or [""])[0][:200]
         report.add(section, "error", f"{type(exc).__name__}: {message}", False)
+        if name != "dataset":
+            ray.shutdown()  # whatever the check left running (a Train controller, a hung job) goes with it
+            start_ray(device)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
         report.figures[f"time.{name}_s"] = time.perf_counter() - started
+        report.flush()
 
 
 def describe(cfg: Config, device: torch.device) -> str:
@@ -296,7 +368,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny sizes (CI)")
     parser.add_argument("--work", type=Path, help="datasets and checkpoints (default: a temporary directory)")
+    parser.add_argument("--results", type=Path, help="table.md, figures.json, imports.txt go here, as they come")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--budget-s", type=float, help="the whole run's time budget (default: the sizes')")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         print(f"gpu_check: error: torch {torch.__version__} sees no CUDA device; --smoke runs on the CPU",
@@ -304,14 +378,24 @@ def main(argv: list[str]) -> int:
         return 2
     device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
     sizes = SMOKE if args.smoke else GPU
+    if args.budget_s:
+        sizes = dataclasses.replace(sizes, budget_s=args.budget_s)
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="eqface-gpu-check-") as tmp:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        report = run(sizes, work, device)
-        header = describe(base_config(sizes, work), device)
-    report.figures.update({"device": device.type, "smoke": args.smoke, "total_s": time.perf_counter() - started})
-    print(f"\n{header}; {report.figures['total_s']:.0f} s in all\n")
+        report = Report(header=describe(base_config(sizes, work), device), results=args.results)
+        try:
+            run(sizes, work, device, report)
+        finally:
+            report.figures.update({"device": device.type, "smoke": args.smoke,
+                                   "total_s": time.perf_counter() - started})
+            report.flush()
+            if args.results:
+                write_imports(args.results / "imports.txt")
+    print(f"\n{report.header}; {report.figures['total_s']:.0f} s in all\n")
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps({"rows": report.rows, "figures": report.figures}, indent=1))

@@ -1,20 +1,52 @@
 #!/usr/bin/env bash
-# The GPU check on a 1-GPU host: a venv with the CUDA build of the torch that pyproject.toml pins and the
-# project's pinned dependencies (as infra/docker/Dockerfile installs them), then benchmarks/gpu_check.py,
-# which prints one table. Arguments go to the script.
+# The GPU check (benchmarks/gpu_check.py), three ways. Arguments after the mode go to the script.
 #
-#   bash benchmarks/gpu_check.sh [--json figures.json] [--work DIR]
-#   bash benchmarks/gpu_check.sh --dry-run      # print what it would install and run; installs nothing
-#
-# Environment:
-#   EQFACE_GPU_VENV   the venv (default: <repo>/.venv-gpu; created once, reused)
-#   PYTHON            the interpreter that creates it (default: python3, 3.11 or newer)
-#   TORCH_INDEX_URL   PyTorch's index of a CUDA variant, e.g. https://download.pytorch.org/whl/cu128 (default:
-#                     PyPI, whose torch 2.13.0 is the CUDA 13.0 build: NVIDIA driver >= 580)
-#   WHEELS            a folder of wheels to install from instead of any index (a host without internet:
-#                     `pip download` them elsewhere for its Python and platform)
+# 1. The GPU host without network (its own python3 with CUDA torch, no Ray, no MLflow; 64 MiB travel with the
+#    repository). Once, on an ordinary machine with the package index:
+#      bash benchmarks/gpu_check.sh --prepare .gpu-host            # Ray + the few missing wheels, ~38 MiB
+#    It prints the folder's size and the one command to paste on the host, from the repository root:
+#      bash benchmarks/gpu_check.sh --host .gpu-host --results DIR [--smoke]
+#    which unpacks the folder onto a fresh PYTHONPATH, runs the check with the host's python3 (torch 2.11 or
+#    the pinned one) under EQFACE_GPU_CHECK_LIMIT_S (default 470 s) and writes log.txt, table.md, figures.json
+#    and imports.txt into DIR as each check ends.
+# 2. A 1-GPU host with network: a venv with the CUDA build of the torch that pyproject.toml pins and the
+#    project's pinned dependencies (as infra/docker/Dockerfile installs them), then the check:
+#      bash benchmarks/gpu_check.sh [--json figures.json] [--work DIR]
+#      bash benchmarks/gpu_check.sh --dry-run      # print what it would install and run; installs nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+if [ "${1:-}" = "--prepare" ]; then  # here: the project's venv (its installed versions are what travels)
+  shift
+  source "$ROOT/infra/setup_env.sh" >/dev/null
+  cd "$ROOT"
+  exec python -m benchmarks.gpu_host prepare "$@"
+fi
+
+if [ "${1:-}" = "--host" ]; then  # on the GPU host: no venv, no install, nothing from any index
+  FOLDER="${2:?--host needs the prepared folder}"
+  shift 2
+  RESULTS=""
+  ARGS=()
+  while [ $# -gt 0 ]; do
+    if [ "$1" = "--results" ]; then RESULTS="${2:?--results needs a folder}"; shift 2; else ARGS+=("$1"); shift; fi
+  done
+  [ -n "$RESULTS" ] || { echo "gpu_check.sh: --host needs --results DIR" >&2; exit 2; }
+  PY="${PYTHON:-python3}"
+  WORK="${EQFACE_GPU_WORK:-/tmp/eqface-gpu-check}"
+  mkdir -p "$RESULTS" "$WORK"
+  RESULTS="$(cd "$RESULTS" && pwd)"
+  cd "$ROOT"
+  export PYTHONUNBUFFERED=1 PYTHONNOUSERSITE=1
+  {
+    "$PY" -c "import sys, torch; print('[gpu-host] python', sys.version.split()[0], 'torch', torch.__version__, \
+'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())" \
+      && "$PY" -m benchmarks.gpu_host unpack "$FOLDER" "$WORK/site" \
+      && PYTHONPATH="$WORK/site:$ROOT" timeout -k 15 "${EQFACE_GPU_CHECK_LIMIT_S:-470}" \
+        "$PY" -m benchmarks.gpu_check --work "$WORK/work" --results "$RESULTS" "${ARGS[@]}"
+  } 2>&1 | tee "$RESULTS/log.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 VENV="${EQFACE_GPU_VENV:-$ROOT/.venv-gpu}"
 PYTHON_BIN="${PYTHON:-python3}"
 DRY_RUN=0

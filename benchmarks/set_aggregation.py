@@ -54,8 +54,7 @@ from evaluation.aggregation import METHODS
 from evaluation.quality_assessment import quality_correlation, yaleb_light_angle
 from evaluation.verification import count_available_pairs, embed_images
 from flows import checkpoints
-from flows.config import load_config
-from flows.eqface import DEFAULT_CONFIG
+from flows.config import DEFAULT_CONFIG, load_config
 from flows.evaluate import ModelLoadError, load_model, to_jsonable
 from flows.runner import prepare_datasets, run_step
 from flows.steps import PlannedStep, StepKind, StepSpec

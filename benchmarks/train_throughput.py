@@ -38,8 +38,7 @@ from data import storage
 from data.pipeline import decode_batch, load_arrays, to_model_input
 from data.shards import shard_uris
 from flows import checkpoints
-from flows.config import load_config, with_overrides
-from flows.eqface import DEFAULT_CONFIG
+from flows.config import DEFAULT_CONFIG, load_config, with_overrides
 from flows.runner import Datasets, prepare_datasets, run_step
 from flows.step_model import StepModel, build_net_and_head
 from flows.steps import PlannedStep, StepKind, StepSpec

@@ -1,6 +1,8 @@
 """Evaluation figures as PNG bytes (optionally also written to a path).
 
-Uses matplotlib's object API with the Agg canvas directly: no pyplot global state, no display.
+Uses matplotlib's object API with the Agg canvas directly: no pyplot global state, no display. matplotlib is
+imported when the first figure is drawn: training workers import this module and draw none, and the GPU host
+(benchmarks/gpu_check.py) need not have it.
 """
 
 from __future__ import annotations
@@ -8,19 +10,28 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from evaluation.baselines import as_uint8_hwc
 from evaluation.quality_assessment import ERCResult
 from evaluation.verification import as_numpy
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # deferred: see the module's docstring
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 def _png(fig: Figure, path: str | Path | None, dpi: int = 100) -> bytes:
-    FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     data = buf.getvalue()
@@ -44,7 +55,7 @@ def plot_erc(
     if variant not in first.fnmr:
         raise ValueError(f"plot_erc: variant {variant!r} not in the curves ({list(first.fnmr)})")
     fmrs = list(fmrs) if fmrs is not None else list(first.fnmr[variant])
-    fig = Figure(figsize=(5 * len(fmrs), 4))
+    fig = _figure((5 * len(fmrs), 4))
     axes = fig.subplots(1, len(fmrs), squeeze=False)[0]
     for ax, fmr in zip(axes, fmrs, strict=True):
         for name, res in curves.items():
@@ -65,7 +76,7 @@ def plot_quality_histogram(
 ) -> bytes:
     """Histogram of one quality array, or overlaid histograms of {name: qualities}."""
     named = qualities if isinstance(qualities, Mapping) else {"quality": qualities}
-    fig = Figure(figsize=(5, 4))
+    fig = _figure((5, 4))
     ax = fig.subplots()
     for name, q in named.items():
         ax.hist(as_numpy(q, name).reshape(-1), bins=bins, alpha=0.6, label=name)
@@ -80,7 +91,7 @@ def plot_roc(
 ) -> bytes:
     """ROC curves. Each value: a `verify` result, its "roc" dict, or an (fpr, tpr[, thresholds]) tuple."""
     named = rocs if isinstance(rocs, Mapping) and "fpr" not in rocs and "roc" not in rocs else {"": rocs}
-    fig = Figure(figsize=(5, 4))
+    fig = _figure((5, 4))
     ax = fig.subplots()
     for name, r in named.items():
         r = r.get("roc", r) if isinstance(r, Mapping) else r
@@ -112,7 +123,7 @@ def plot_quality_grid(
     n = max(1, min(n, q.size))
     order = np.argsort(q, kind="mergesort")
     rows = [("lowest", order[:n]), ("highest", order[::-1][:n][::-1])]
-    fig = Figure(figsize=(1.4 * n, 3.4))
+    fig = _figure((1.4 * n, 3.4))
     axes = fig.subplots(2, n, squeeze=False)
     for r, (label, idx) in enumerate(rows):
         for c, ax in enumerate(axes[r]):
@@ -137,7 +148,7 @@ def plot_quality_by_degradation(
     degradation, quality = as_numpy(degradation, "degradation"), as_numpy(quality, "quality")
     kinds = np.full(degradation.shape, "all", dtype=object) if kinds is None else np.asarray(kinds, dtype=object)
     clean = degradation == 0
-    fig = Figure(figsize=(6.0, 4.0))
+    fig = _figure((6.0, 4.0))
     ax = fig.add_subplot()
     for kind in sorted(set(kinds[~clean].tolist())):
         rows = clean | (kinds == kind)

@@ -25,7 +25,6 @@ import torch
 from ray.train import Checkpoint
 
 from data import storage
-from flows.model_registry import load_net as load_registered_net
 from infra.ray_errors import exception_chain, remote_error_message
 from models import load_eqface_net, save_eqface_net
 from models.partial_fc import SHARD_FILE, load_sharded_centres, save_sharded_centres
@@ -161,6 +160,9 @@ def load_net(checkpoint):
 def load_net_from(path_or_uri: str):
     """EQFaceNet from a checkpoint directory/URI, a net.pt file, or an MLflow model URI (models:/..., runs:/...)."""
     if path_or_uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        # MLflow only for a model URI: training workers and the GPU host (which has no MLflow) never give one.
+        from flows.model_registry import load_net as load_registered_net
+
         return load_registered_net(path_or_uri)
     if path_or_uri.endswith(".pt") and not storage.is_s3(path_or_uri):
         return load_eqface_net(path_or_uri).eval()

@@ -238,6 +238,9 @@ class Step3Config(StepConfig):
                    f"must be 'scratch' or 'continue', got {self.init!r}")
 
 
+# The flow's defaults file: every key, as the dataclasses hold them (tests/test_config.py keeps them equal).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 

@@ -22,7 +22,7 @@ from data.pipeline import dataset_error_from  # noqa: E402
 from data.shards import DatasetError  # noqa: E402
 from flows import checkpoints  # noqa: E402
 from flows.checkpoints import CheckpointStorageError  # noqa: E402
-from flows.config import Config, ConfigError, load_config  # noqa: E402
+from flows.config import DEFAULT_CONFIG, Config, ConfigError, load_config  # noqa: E402
 from flows.model_registry import log_final_model  # noqa: E402
 from flows.runner import Datasets, run_step, start_up  # noqa: E402
 from flows.steps import PlannedStep, StepSpec, training_plan  # noqa: E402
@@ -31,8 +31,6 @@ from flows.train_step import NonFiniteLossError  # noqa: E402
 from flows.validation import validate_checkpoints  # noqa: E402
 from infra.ray_errors import remote_error_message  # noqa: E402
 from models.safe_load import UnsafeFileError  # noqa: E402
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def run_flow(cfg: Config) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import ray
-from mlflow.tracking import MlflowClient
 
 from flows.config import Config, ConfigError
 from flows.steps import training_plan
@@ -128,6 +127,8 @@ def report_skipped_rows(tally, step_name: str, run_id: str, tracking_uri: str) -
               f"first: {rows[0]}", flush=True)
     if run_id:
         try:
+            from mlflow.tracking import MlflowClient  # only for a tracked step: the GPU host has no MLflow
+
             client = MlflowClient(tracking_uri)
             client.log_metric(run_id, "corrupt_images_skipped", len(rows))
             if rows:

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.train
@@ -29,11 +29,14 @@ from torch import nn
 
 from data import storage
 from data.pipeline import load_arrays, to_model_input
-from flows import checkpoints, tracking
+from flows import checkpoints
 from flows.config import Config
 from flows.step_model import StepModel, build_step_model
 from flows.steps import StepSpec
 from flows.validation import validation_metrics
+
+if TYPE_CHECKING:
+    from flows.tracking import EpochLogger
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,12 +124,14 @@ class StepWorker:
         # else: the centres were resharded; momentum restarts (it is not resharded)
         return state["epoch"], state["history"]
 
-    def _logger(self) -> tuple[tracking.EpochLogger | None, set[int]]:
+    def _logger(self) -> tuple[EpochLogger | None, set[int]]:
         """Rank 0's MLflow logger (none for an untracked step), after sending what a crash left unsent."""
         if self.rank != 0 or not self.spec.mlflow_run_id:
             return None, set()
-        logger = tracking.EpochLogger(self.spec.tracking_uri, self.spec.mlflow_run_id,
-                                      self.cfg.tracking.max_outage_s)
+        from flows.tracking import EpochLogger  # MLflow only for a tracked step: the GPU host has none
+
+        logger = EpochLogger(self.spec.tracking_uri, self.spec.mlflow_run_id,
+                              self.cfg.tracking.max_outage_s)
         logger.backfill(self.history)  # epochs checkpointed before a crash but never logged
         return logger, logger.epochs_logged_after(self.start_epoch)  # ... and logged but never checkpointed
 

@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from data import storage
-from flows.config import Config, ConfigError, load_config
+from flows.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from flows.margin_search.space import SearchSpace, SpaceError, check_space, load_space, override_yaml, trial_overrides
 from flows.margin_search.tracking import MlflowTrials, SearchTracker, family_and_form
 from flows.margin_search.trial import TRIAL_DRIVER_CPU, TrialSetup, plan_trials, run_trial
@@ -26,7 +26,6 @@ from flows.runner import start_up
 from infra.ray_private import gcs_addresses_on_this_host, stop_tune_propagating
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 DEFAULT_SPACE = ROOT / "configs" / "tune_margins.yaml"
 
 
