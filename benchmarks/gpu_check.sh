@@ -7,7 +7,7 @@
 #    It prints the folder's size and the one command to paste on the host, from the repository root:
 #      bash benchmarks/gpu_check.sh --host .gpu-host --results DIR [--smoke]
 #    which unpacks the folder onto a fresh PYTHONPATH, runs the check with the host's python3 (torch 2.11 or
-#    the pinned one) under EQFACE_GPU_CHECK_LIMIT_S (default 470 s) and writes log.txt, table.md, figures.json
+#    the pinned one) under EQFACE_GPU_CHECK_LIMIT_S (default 345 s) and writes log.txt, table.md, figures.json
 #    and imports.txt into DIR as each check ends.
 # 2. A 1-GPU host with network: a venv with the CUDA build of the torch that pyproject.toml pins and the
 #    project's pinned dependencies (as infra/docker/Dockerfile installs them), then the check:
@@ -42,7 +42,7 @@ if [ "${1:-}" = "--host" ]; then  # on the GPU host: no venv, no install, nothin
     "$PY" -c "import sys, torch; print('[gpu-host] python', sys.version.split()[0], 'torch', torch.__version__, \
 'CUDA', torch.version.cuda, 'GPUs', torch.cuda.device_count())" \
       && "$PY" -m benchmarks.gpu_host unpack "$FOLDER" "$WORK/site" \
-      && PYTHONPATH="$WORK/site:$ROOT" timeout -k 15 "${EQFACE_GPU_CHECK_LIMIT_S:-470}" \
+      && PYTHONPATH="$WORK/site:$ROOT" timeout -k 15 "${EQFACE_GPU_CHECK_LIMIT_S:-345}" \
         "$PY" -m benchmarks.gpu_check --work "$WORK/work" --results "$RESULTS" "${ARGS[@]}"
   } 2>&1 | tee "$RESULTS/log.txt"
   exit "${PIPESTATUS[0]}"
