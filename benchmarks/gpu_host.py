@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
             raise PrepareError(f"the host command is {len(command)} characters, over {COMMAND_LIMIT}")
         print(f"[gpu-host] on the host, from the repository root ({len(command)} characters):\n{command}")
         return 0
-    except (PrepareError, OSError, json.JSONDecodeError, tarfile.TarError) as exc:
+    except (PrepareError, OSError, subprocess.CalledProcessError, json.JSONDecodeError, tarfile.TarError) as exc:
         print(f"gpu_host: error: {exc}", file=sys.stderr)
         return 1
 
