@@ -54,6 +54,7 @@ import torch
 
 from benchmarks.data_pipeline import time_ray
 from benchmarks.train_throughput import plain_dataloader, ray_step
+from data import storage
 from flows import checkpoints
 from flows.config import Config, load_config, with_overrides
 from flows.runner import Datasets, prepare_datasets
@@ -135,10 +136,12 @@ class Report:
         for row in self.rows[self.printed:]:
             print(row_line(row), flush=True)
         self.printed = len(self.rows)
-        if self.results is not None:
-            write_atomically(self.results / "table.md", f"{self.header}\n\n{self.table()}\n")
-            write_atomically(self.results / "figures.json", json.dumps({"rows": self.rows, "figures": self.figures},
-                                                                         indent=1))
+        if self.results is not None:  # whole files only: a run cut off mid-write leaves the previous ones
+            storage.write_bytes_atomic(str(self.results / "table.md"), f"{self.header}\n\n{self.table()}\n".encode())
+            storage.write_bytes_atomic(str(self.results / "figures.json"), self.as_json().encode())
+
+    def as_json(self) -> str:
+        return json.dumps({"rows": self.rows, "figures": self.figures}, indent=1)
 
 
 TABLE_HEAD = ["| check | measure | figure | |", "|---|---|---|---|"]
@@ -149,18 +152,11 @@ def row_line(row: tuple[str, str, str, bool | None]) -> str:
     return f"| {section} | {what} | {value} | {'' if ok is None else 'ok' if ok else 'FAIL'} |"
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """A reader (or a run cut off mid-write) sees the previous whole file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_imports(path: Path) -> None:
     """Where each module of this process came from: tests/test_gpu_check.py holds them to the host's packages,
     the carried folder and this repository."""
     lines = sorted(f"{name}\t{getattr(mod, '__file__', None) or ''}" for name, mod in list(sys.modules.items()))
-    write_atomically(path, "\n".join(lines) + "\n")
+    storage.write_bytes_atomic(str(path), ("\n".join(lines) + "\n").encode())
 
 
 def base_config(sizes: Sizes, work: Path) -> Config:
@@ -291,7 +287,8 @@ def start_ray(device: torch.device) -> None:
              else 0, include_dashboard=False, log_to_driver=False)
 
 
-def run(sizes: Sizes, work: Path, device: torch.device, report: Report) -> Report:
+def run(sizes: Sizes, work: Path, device: torch.device, report: Report) -> None:
+    """The checks in order, each adding its rows to `report` as it ends."""
     cfg = base_config(sizes, work)
     shutil.rmtree(cfg.flow.storage, ignore_errors=True)  # a step run name found there would resume, not train
     deadline = time.monotonic() + sizes.budget_s
@@ -302,7 +299,7 @@ def run(sizes: Sizes, work: Path, device: torch.device, report: Report) -> Repor
         report.add("0 synthetic shards", f"{data.num_train:,} images, {data.num_classes:,} identities",
                    f"{time.perf_counter() - started:.0f} s")
     if data is None:
-        return report  # nothing to train on: the error row says why
+        return  # nothing to train on: the error row says why
     jobs: dict = {}
     try:
         with check(report, "throughput", "1 throughput", sizes, deadline, device):
@@ -318,7 +315,6 @@ def run(sizes: Sizes, work: Path, device: torch.device, report: Report) -> Repor
             check_onnx(cfg, needs(jobs, "bf16")[1], device, work, report)
     finally:
         ray.shutdown()
-    return report
 
 
 def needs(jobs: dict, amp: str):
@@ -399,7 +395,7 @@ def main(argv: list[str]) -> int:
     print(f"\n{report.header}; {report.figures['total_s']:.0f} s in all\n")
     print(report.table())
     if args.json:
-        args.json.write_text(json.dumps({"rows": report.rows, "figures": report.figures}, indent=1))
+        args.json.write_text(report.as_json())
     if report.failed:
         print("gpu_check: FAILED: " + "; ".join(report.failed), file=sys.stderr)
         return 1

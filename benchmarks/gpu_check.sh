@@ -3,7 +3,7 @@
 #
 # 1. The GPU host without network (its own python3 with CUDA torch, no Ray, no MLflow; 64 MiB travel with the
 #    repository). Once, on an ordinary machine with the package index:
-#      bash benchmarks/gpu_check.sh --prepare .gpu-host            # Ray + the few missing wheels, ~38 MiB
+#      bash benchmarks/gpu_check.sh --prepare .gpu-host            # Ray + the few missing wheels, ~33 MiB
 #    It prints the folder's size and the one command to paste on the host, from the repository root:
 #      bash benchmarks/gpu_check.sh --host .gpu-host --results DIR [--smoke]
 #    which unpacks the folder onto a fresh PYTHONPATH, runs the check with the host's python3 (torch 2.11 or

@@ -89,19 +89,21 @@ def _requires(dist: metadata.Distribution, extras: set[str], python_version: str
 def closure(requirements: tuple[str, ...] | list[str], python_version: str) -> dict[str, str]:
     """{distribution: installed version} of these requirements and everything they need, as installed here."""
     seen: dict[str, str] = {}
+    expanded: set[tuple[str, frozenset[str]]] = set()  # (name, extras) already followed: cycles end
     todo = list(requirements)
     while todo:
         req = todo.pop()
-        name = _name(req)
+        name, extras = _name(req), frozenset(_extras(req))
+        if (name, extras) in expanded:
+            continue
+        expanded.add((name, extras))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError as exc:
             raise PrepareError(f"{name} is not installed here: prepare runs in the project's environment "
                                f"(bash infra/setup_env.sh)") from exc
-        new = name not in seen
         seen[name] = dist.version
-        if new or _extras(req):
-            todo.extend(_requires(dist, _extras(req), python_version))
+        todo.extend(_requires(dist, set(extras), python_version))
     return seen
 
 
@@ -178,10 +180,9 @@ def prepare(folder: Path, python_version: str, xz_preset: int = 6) -> dict:
         with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
             for wheel in wheels:
                 files += add_wheel(tar, wheel)
-        threads = ["-T2"] if shutil.which("xz") else []
         with open(staging, "wb") as out:
             if shutil.which("xz"):
-                subprocess.run(["xz", f"-{xz_preset}", *threads, "-c", str(tar_path)], stdout=out, check=True)
+                subprocess.run(["xz", f"-{xz_preset}", "-T2", "-c", str(tar_path)], stdout=out, check=True)
             else:  # no xz binary: the same format, one thread
                 out.write(lzma.compress(tar_path.read_bytes(), preset=xz_preset))
         os.replace(staging, folder / ARCHIVE)  # a failed run leaves no half archive under the real name

@@ -31,6 +31,7 @@ def _figure(figsize: tuple[float, float]) -> Figure:
     FigureCanvasAgg(fig)
     return fig
 
+
 def _png(fig: Figure, path: str | Path | None, dpi: int = 100) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
