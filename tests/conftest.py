@@ -19,6 +19,41 @@ ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "data" / "faces"
 
 
+class StartedAProcess(AssertionError):
+    pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The unit loop (`-m "not integration"`) starts no services and no CLI processes: a test without the
+    `integration` mark that starts a program, in its set-up, its body or its tear-down, fails naming it."""
+    if item.get_closest_marker("integration"):
+        yield
+        return
+    # (os.system stays: tests pickle it by name, and a patched one would not pickle.)
+    patched = {(subprocess.Popen, "_execute_child"): _refuse_popen,
+               (os, "posix_spawn"): _refuse("os.posix_spawn"), (os, "posix_spawnp"): _refuse("os.posix_spawnp")}
+    saved = {key: getattr(*key) for key in patched}
+    for (owner, name), replacement in patched.items():
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for (owner, name), original in saved.items():
+            setattr(owner, name, original)
+
+
+def _refuse_popen(self, args, *rest, **kwargs):
+    raise StartedAProcess(f"a unit test started a process: {args!r}; mark the test `integration`")
+
+
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        raise StartedAProcess(f"a unit test started a process with {what}{args[:2]!r}; mark the test "
+                              "`integration`")
+    return refuse
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     """MLflow + Ray head (2 CPUs, token auth on). Tests that need S3 call `stack.start_s3()`."""

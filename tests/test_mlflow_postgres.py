@@ -180,6 +180,7 @@ def test_the_flow_tracks_into_postgres_with_artifacts_proxied_to_s3(services, tm
     assert client.get_model_version_by_alias("eqface", "candidate").run_id == parent.info.run_id
 
 
+@pytest.mark.integration
 def test_allowed_hosts_guard_the_api(services):
     api = f"{services['url']}/api/2.0/mlflow/experiments/search?max_results=1"
     user = (USER, services["password"])
@@ -190,6 +191,7 @@ def test_allowed_hosts_guard_the_api(services):
     assert http_status(api, host="10.0.0.5:5000", auth=user) == 403
 
 
+@pytest.mark.integration
 def test_run_server_refuses_a_password_in_the_uri(tmp_path):
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow:hunter2@db:5432/mlflow",
            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path), "MLFLOW_BIN": "/bin/false"}
@@ -199,6 +201,7 @@ def test_run_server_refuses_a_password_in_the_uri(tmp_path):
     assert "hunter2" not in done.stderr
 
 
+@pytest.mark.integration
 def test_run_server_refuses_to_start_without_authentication(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path / 'db'}", MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path),
@@ -210,6 +213,7 @@ def test_run_server_refuses_to_start_without_authentication(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.integration
 def test_run_server_names_a_missing_setting(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_ARTIFACTS_DESTINATION"] = str(tmp_path)

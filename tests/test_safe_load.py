@@ -39,9 +39,9 @@ class _RunsCode:
 
 
 def _armed(path: Path, marker: Path) -> None:
-    """A plain unpickling of `path` runs its code (in a child process); then the marker is removed again."""
-    load = f"import torch; torch.load({str(path)!r}, weights_only=False)"
-    subprocess.run([sys.executable, "-c", load], cwd=ROOT, capture_output=True, timeout=120)
+    """A plain unpickling of `path` runs its code (here, harmlessly: it only writes the marker); then the marker
+    is removed again."""
+    torch.load(path, weights_only=False)
     assert marker.read_text() == "ran", "the crafted file did not run its code even when fully unpickled"
     marker.unlink()
 

@@ -293,6 +293,7 @@ def moto_s3(monkeypatch):
         proc.wait(timeout=10)
 
 
+@pytest.mark.integration  # moto_server, a real S3-compatible server
 def test_s3_round_trip_overwrite_and_failure(moto_s3):
     from data.pipeline import load_arrays
 
