@@ -19,7 +19,8 @@ from infra.stack import Stack
 
 def start_ray_heads(state_dir: Path, starts: int) -> tuple[list[float], set[tuple[int, int]]]:
     """Start and stop (by pid) the Ray head `starts` times; the seconds each start took and the (GCS, dashboard)
-    ports each got. Fails on the first start that does not come up, or that runs a Ray Client server."""
+    ports each got. Fails on the first start that does not come up, that does not listen on the ports picked for
+    it, or that runs a Ray Client server."""
     stack = Stack.load(state_dir)
     times, ports = [], set()
     try:
@@ -27,10 +28,16 @@ def start_ray_heads(state_dir: Path, starts: int) -> tuple[list[float], set[tupl
             t0 = time.monotonic()
             head = stack.start_ray(num_cpus=1, object_store_mb=80)
             times.append(time.monotonic() - t0)
-            ports.add((head.info["gcs_port"], head.info["dashboard_port"]))
+            picked = (head.info["gcs_port"], head.info["dashboard_port"])
+            ports.add(picked)
             tree = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
             if any("ray.util.client.server" in " ".join(p.cmdline()) for p in tree):
                 raise AssertionError("a Ray Client server started without ray_client=True")
+            listening = {c.laddr.port for p in tree for c in p.net_connections("tcp")
+                         if c.status == psutil.CONN_LISTEN}
+            if not set(picked) <= listening:
+                raise AssertionError(f"start {len(times)}: the GCS and dashboard ports picked, {picked}, are not "
+                                     f"both listening (the head listens on {sorted(listening)})")
             stack.stop("ray")
     finally:
         stack.stop_all()

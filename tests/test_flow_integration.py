@@ -147,8 +147,20 @@ def test_final_model_is_a_registered_pyfunc_giving_embedding_and_quality(flow):
     assert float(mv.tags[f"{TAG_METRIC}val_acc"]) == pytest.approx(final_step.data.metrics["val_acc"], rel=1e-5)
     newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     assert client.get_model_version_by_alias(name, ALIAS).version == str(newest)
-    net = checkpoints.load_net_from(registered)
-    assert checkpoints.load_net_from(uri).state_dict().keys() == net.state_dict().keys()
+    # The logged and the registered model are the final step's network, weight for weight, and predict what it
+    # computes: the flip-sum embedding, normalised, and the quality of the unflipped image.
+    final_net = checkpoints.load_net(checkpoints.from_uri(final_step.data.tags[TAG_CHECKPOINT])).eval()
+    expected = final_net.state_dict()
+    for loaded in (checkpoints.load_net_from(registered), checkpoints.load_net_from(uri)):
+        weights = loaded.state_dict()
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    x = torch.from_numpy(np.random.default_rng(0).random((3, 3, 32, 32), np.float32) * 2 - 1)
+    with torch.no_grad():
+        emb, quality = final_net(x)
+        flip_sum = torch.nn.functional.normalize(emb + final_net(torch.flip(x, dims=[3]))[0], dim=1)
+    np.testing.assert_allclose(out["embedding"], flip_sum.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["quality"], quality.numpy(), atol=1e-6)
 
 
 def test_resubmit_skips_finished_steps_and_creates_no_runs(flow, stack):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import ray
 
 from infra import ray_private
@@ -36,5 +37,7 @@ def test_tune_no_longer_propagates_what_we_drop():
         ray_private.class_cache.ENV_VARS_TO_PROPAGATE = before
 
 
-def test_the_gcs_addresses_on_this_host_come_back_as_a_list():
-    assert isinstance(ray_private.gcs_addresses_on_this_host(), list)
+@pytest.mark.integration
+def test_the_gcs_addresses_on_this_host_include_a_running_head(stack):
+    ray_head = stack.services["ray"].info
+    assert f"127.0.0.1:{ray_head['gcs_port']}" in ray_private.gcs_addresses_on_this_host()

@@ -84,18 +84,40 @@ def test_checkpoints_and_dataset_live_on_s3_and_load_back(s3_flow, s3_env):
         assert emb.shape == (2, 32) and quality.shape == (2,)
 
 
-def test_mlflow_artifacts_are_proxied_to_s3(s3_flow, s3_env):
+def test_mlflow_artifacts_are_proxied_to_s3(s3_flow, s3_env, s3_stack, tmp_path):
+    """The client only ever sees the MLflow server's `mlflow-artifacts:` URIs; every byte it gets back through the
+    server is an S3 object of the server's artifact destination, and nothing is kept on the server's disk."""
+    import mlflow.artifacts
     import mlflow.pyfunc
     import numpy as np
 
-    keys = _keys(_s3(s3_env), "mlflow/")
+    s3 = _s3(s3_env)
+    keys = _keys(s3, "mlflow/")
     assert any(k.endswith("plots/quality_histogram.png") for k in keys)
-    assert any(k.endswith("MLmodel") for k in keys) and any(k.endswith("artifacts/net.pt") for k in keys)
     parent = next(r for r in s3_flow["runs"] if r.data.tags.get("eqface.role") == "flow")
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:/")
+    model_uri = parent.data.tags[TAG_FINAL_MODEL]
+    model_id = model_uri.removeprefix("models:/")
     mlflow.set_tracking_uri(s3_flow["client"].tracking_uri)
-    model = mlflow.pyfunc.load_model(parent.data.tags[TAG_FINAL_MODEL])
-    quality = model.predict(np.zeros((1, 3, 32, 32), np.float32))["quality"]
-    assert 0.0 <= float(quality[0]) <= 1.0
+    fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / "model")))
+    files = [f for f in fetched.rglob("*") if f.is_file()]
+    assert {"MLmodel", "net.pt"} <= {f.name for f in files}
+    for file in files:
+        rel = file.relative_to(fetched).as_posix()
+        on_s3 = [k for k in keys if model_id in k and k.endswith("/" + rel)]
+        assert len(on_s3) == 1, (rel, on_s3)
+        assert s3.get_object(Bucket=BUCKET, Key=on_s3[0])["Body"].read() == file.read_bytes(), rel
+    local_store = s3_stack.state_dir / "mlflow" / "artifacts"
+    assert not local_store.exists() or not any(p.is_file() for p in local_store.rglob("*"))
+
+    # What loads through the proxy is the final step's network.
+    final_step = max((r for r in s3_flow["runs"] if r.data.tags.get("eqface.role") == "step"),
+                     key=lambda r: int(r.data.tags["eqface.step_index"]))
+    net = checkpoints.load_net(checkpoints.from_uri(final_step.data.tags[TAG_CHECKPOINT])).eval()
+    x = np.random.default_rng(0).random((2, 3, 32, 32), np.float32) * 2 - 1
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x))[1].numpy()
+    np.testing.assert_allclose(mlflow.pyfunc.load_model(model_uri).predict(x)["quality"], expected, atol=1e-6)
 
 
 def test_margin_search_keeps_its_tune_state_and_trials_on_s3(s3_stack, s3_env, tmp_path):
