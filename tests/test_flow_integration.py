@@ -171,3 +171,18 @@ def test_resubmit_skips_finished_steps_and_creates_no_runs(flow, stack):
     assert again.stdout.count("already complete") == 4
     after = {r.info.run_id for r in client.search_runs([experiment.experiment_id], max_results=1000)}
     assert after == before
+
+
+def test_a_resume_under_a_changed_config_is_refused_and_changes_nothing(flow, stack):
+    """The README's "a resume under a changed config is refused (scaling and tracking settings may change)":
+    the same flow.name with another loss.m2 and another worker count names loss.m2 alone, and leaves the runs."""
+    client, experiment, parent = flow["client"], flow["experiment"], flow["parent"]
+    before = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    name = parent.data.tags[TAG_FLOW]
+    refused = submit_flow(stack, [*flow["args"], "loss.m2=0.35", "scaling.num_workers=1"])
+    assert refused.returncode != 0
+    expected = (f"flow '{name}' already exists in MLflow with a different config (loss.m2: 0.3 -> 0.35); "
+                "resume it unchanged or choose a new flow.name")
+    assert expected in refused.stdout + refused.stderr, refused.stdout[-3000:] + refused.stderr[-3000:]
+    after = {r.info.run_id: r.info.status for r in client.search_runs([experiment.experiment_id], max_results=1000)}
+    assert after == before  # no run added, none reopened
