@@ -1,6 +1,7 @@
 """Decoded + augmented images/s: Parquet shards through Ray Data vs the same images from a folder through
-torch.utils.data.DataLoader (2 workers), with the same decode + augment code. One run; the first epoch
-includes starting workers, later epochs show the steady state.
+torch.utils.data.DataLoader (2 workers), with the same decode + augment code, and the same work inline on one
+core (no workers: the ceiling per core). One run; the first epoch includes starting workers, later epochs show
+the steady state.
 
     .venv/bin/python -m benchmarks.data_pipeline [--identities 100 --per-identity 40 --image-size 56]
 """
@@ -73,6 +74,15 @@ def time_dataloader(items, image_size: int, augment: AugmentConfig, batch_size: 
     return rates
 
 
+def time_one_core(items, image_size: int, augment: AugmentConfig) -> float:
+    """Images/s of FolderFaces read in this process alone: what one core gives, with nothing to hand over."""
+    faces = FolderFaces(items, image_size, augment, seed=0)
+    start = time.perf_counter()
+    for i in range(len(faces)):
+        faces[i]
+    return len(faces) / (time.perf_counter() - start)
+
+
 def time_ray(uri: str, image_size: int, augment: AugmentConfig, batch_size: int, epochs: int) -> list[float]:
     """Images/s per epoch, as a training worker reads them (seeded local shuffle, torch batches)."""
     ds = training_dataset(uri, image_size=image_size, augment=augment, seed=0)
@@ -106,8 +116,9 @@ def main() -> None:
     print(f"{len(items)} images of {args.image_size} px, augment={augment}, {os.cpu_count()} CPUs")
 
     torch.set_num_threads(1)
+    one_core = time_one_core(items, args.image_size, augment)
+    print(f"one core, inline (read + decode + augment + normalise): {one_core:6.0f} img/s")
     loader_rates = time_dataloader(items, args.image_size, augment, args.batch_size, args.epochs)
-
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:

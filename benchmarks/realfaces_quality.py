@@ -9,7 +9,9 @@ once per seed (flow.seed), as a user does (`ray job submit`). Then it reads each
 and prints, after the first step 2 and after the final one, per seed and as mean ± std over the seeds:
 
   Yale B (held-out people)    Spearman(quality, light angle)                          target <= -0.3
+  Yale B (held-out people)    TAR at FAR 1e-3 of the step's backbone                  (how strong a recogniser)
   degraded held-out faces     Spearman(quality, severity) overall / per kind          target <= -0.5 / each < 0
+                              ... within each clean photo (averaged)
   LFW held-out pairs          EDC pAUC [0, 0.2] at FMR 1e-3: EQFace, random, sharpness, feature norm, SER-FIQ
                                                             target: below random and sharpness, <= norm
   held-out quality spread     std on Yale B and on LFW                                target >= 0.05
@@ -46,6 +48,8 @@ def figures(metrics: dict[str, float]) -> dict[str, float]:
     """The target figures of one quality step's held-out metrics."""
     out = {"yaleb_spearman": metrics.get("quality_spearman", math.nan),
            "degraded_spearman": metrics.get("degraded/quality_spearman", math.nan),
+           "degraded_spearman_within_photo": metrics.get("degraded/quality_spearman_within_photo", math.nan),
+           "yaleb_tar_far1e-3": metrics.get("val_tar_far1e-3", math.nan),
            "yaleb_quality_std": metrics.get("val_quality_std", math.nan),
            "lfw_quality_std": metrics.get("lfw/quality_std", math.nan)}
     for kind in DEGRADATION_KINDS:

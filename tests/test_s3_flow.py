@@ -101,12 +101,18 @@ def test_mlflow_artifacts_are_proxied_to_s3(s3_flow, s3_env, s3_stack, tmp_path)
     mlflow.set_tracking_uri(s3_flow["client"].tracking_uri)
     fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(tmp_path / "model")))
     files = [f for f in fetched.rglob("*") if f.is_file()]
+    # The one file the client writes itself, beside what it downloaded (MLflow's ModelsArtifactRepository).
+    client_meta = fetched / "registered_model_meta"
+    assert client_meta in files and "model_name" in client_meta.read_text()
+    files.remove(client_meta)
     assert {"MLmodel", "net.pt"} <= {f.name for f in files}
+    mlmodel_keys = [k for k in keys if model_id in k and k.endswith("/MLmodel")]
+    assert len(mlmodel_keys) == 1, mlmodel_keys
+    prefix = mlmodel_keys[0].removesuffix("MLmodel")  # the model's folder in the artifact destination
     for file in files:
         rel = file.relative_to(fetched).as_posix()
-        on_s3 = [k for k in keys if model_id in k and k.endswith("/" + rel)]
-        assert len(on_s3) == 1, (rel, on_s3)
-        assert s3.get_object(Bucket=BUCKET, Key=on_s3[0])["Body"].read() == file.read_bytes(), rel
+        assert prefix + rel in keys, rel
+        assert s3.get_object(Bucket=BUCKET, Key=prefix + rel)["Body"].read() == file.read_bytes(), rel
     local_store = s3_stack.state_dir / "mlflow" / "artifacts"
     assert not local_store.exists() or not any(p.is_file() for p in local_store.rglob("*"))
 
