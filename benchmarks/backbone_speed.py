@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import BACKBONE_NAMES, MarginHead, build_eqface_net, get_backbone
+from models import BACKBONE_NAMES, Margin, MarginHead, build_eqface_net, get_backbone
 
 
 def count_flops(name: str, input_size: int = 112) -> tuple[int, int]:
@@ -47,7 +47,7 @@ def training_throughput(
     net = build_eqface_net(
         backbone=name, input_size=size, width_mult=width, quality_pooled=True, channels_last=channels_last
     )
-    head = MarginHead(1000, 512)
+    head = MarginHead(1000, 512, Margin(scale=64.0, m2=0.5))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     runner = torch.compile(net) if compile_net else net
     optimizer = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=0.01, momentum=0.9)

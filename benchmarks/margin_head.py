@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models import MarginHead, ShardedMarginHead
+from models import Margin, MarginHead, ShardedMarginHead
+
+ARCFACE = Margin(scale=64.0, m2=0.5)
 
 EMBEDDING = 512
 
@@ -61,9 +63,9 @@ def unsharded(num_classes: int, sample_rate: float, batch: int, steps: int) -> d
     torch.set_num_threads(2)
     before = rss_mib()
     if sample_rate >= 1:
-        head = MarginHead(num_classes, EMBEDDING)
+        head = MarginHead(num_classes, EMBEDDING, ARCFACE)
     else:
-        head = ShardedMarginHead(num_classes, EMBEDDING, sample_rate=sample_rate)
+        head = ShardedMarginHead(num_classes, EMBEDDING, ARCFACE, sample_rate=sample_rate)
     seconds = measure(head, batch, num_classes, steps)
     return {"step_s": seconds, "peak_mib": peak_rss_mib() - before, "total_mib": peak_rss_mib() - before}
 
@@ -73,7 +75,7 @@ def sharded_worker(rank: int, port: int, num_classes: int, sample_rate: float, b
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         before = rss_mib()
-        head = ShardedMarginHead(num_classes, EMBEDDING, sample_rate=sample_rate)
+        head = ShardedMarginHead(num_classes, EMBEDDING, ARCFACE, sample_rate=sample_rate)
         seconds = measure(head, batch // 2, num_classes, steps)
         out.put((rank, seconds, peak_rss_mib() - before))
     finally:

@@ -26,9 +26,8 @@ from torch import nn
 
 from data.augment import AugmentConfig
 from data.synthetic import SyntheticSpec
-from models import BACKBONE_NAMES, MarginHead, ShardedMarginHead, build_eqface_net
+from models import BACKBONE_NAMES, Margin, MarginHead, ShardedMarginHead, build_eqface_net
 from models.eqface_net import EQFaceNet
-from models.margin import margin_problems
 
 
 class ConfigError(ValueError):
@@ -146,9 +145,9 @@ class ModelConfig(Section):
     def build_head(self, num_classes: int, loss: LossConfig) -> nn.Module:
         """The margin head; a sharded one takes this process's rank in the DDP group."""
         if self.head == "sharded":
-            return ShardedMarginHead(num_classes, self.embedding_size, sample_rate=self.head_sample_rate,
-                                     **loss.margins())
-        return MarginHead(num_classes, self.embedding_size, **loss.margins())
+            return ShardedMarginHead(num_classes, self.embedding_size, loss.margin(),
+                                     sample_rate=self.head_sample_rate)
+        return MarginHead(num_classes, self.embedding_size, loss.margin())
 
 
 @dataclass
@@ -167,14 +166,14 @@ class LossConfig(Section):
     focal_gamma: float = 0.0
 
     def __post_init__(self) -> None:
-        problems = margin_problems(**self.margins())  # the heads' own rule, reported under the config key
-        if problems:
-            name, problem = problems[0]
-            raise ConfigError(f"{self.KEY}.{name}: {problem}")
+        self.margin()  # the Margin's own checks, reported under the config key
 
-    def margins(self) -> dict[str, Any]:
-        """The margin head's keyword arguments."""
-        return dataclasses.asdict(self)
+    def margin(self) -> Margin:
+        """The one margin object both heads take (its fields are this section's keys)."""
+        try:
+            return Margin(**dataclasses.asdict(self))
+        except ValueError as error:
+            raise ConfigError(f"{self.KEY}.{error}") from None
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from models.backbones import BACKBONE_NAMES, get_backbone
 from models.eqface_net import EQFaceNet, build_eqface_net, load_eqface_net, save_eqface_net, unwrap
 from models.export import export_onnx
-from models.margin import MarginHead, MarginOutput, combined_margin_logits, margin_target
+from models.margin import Margin, MarginHead, MarginOutput
 from models.partial_fc import (
     ShardedMarginHead,
     assemble_centres,
@@ -16,18 +16,17 @@ from models.quality import QualityHead
 __all__ = [
     "BACKBONE_NAMES",
     "EQFaceNet",
+    "Margin",
     "MarginHead",
     "MarginOutput",
     "QualityHead",
     "ShardedMarginHead",
     "assemble_centres",
     "build_eqface_net",
-    "combined_margin_logits",
     "export_onnx",
     "get_backbone",
     "load_eqface_net",
     "load_sharded_centres",
-    "margin_target",
     "save_eqface_net",
     "save_sharded_centres",
     "shard_range",

@@ -18,6 +18,7 @@ insightface's "easy margin off" rule, cos(theta) - m2*sin(m2), without its jump)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -34,55 +35,96 @@ class MarginOutput(NamedTuple):
     cos: torch.Tensor  # (B, C) cos(theta_j) before any margin, detached
 
 
-def margin_problems(
-    scale: float, m1: float, m2: float, m3: float, form: str = "outside", focal_gamma: float = 0.0
-) -> list[tuple[str, str]]:
-    """(argument, what is wrong) for every out-of-range margin setting: the one rule that the heads and the
-    flow's config (`loss.*`) both apply."""
-    problems = []
-    if not scale > 0:
-        problems.append(("scale", f"must be > 0, got {scale}"))
-    if not m1 > 0:
-        problems.append(("m1", f"must be > 0, got {m1}"))
-    if not 0 <= m2 < math.pi / 2:
-        problems.append(("m2", f"must be in [0, pi/2), got {m2}"))
-    if not 0 <= m3 < 1:
-        problems.append(("m3", f"must be in [0, 1), got {m3}"))
-    if form not in MARGIN_FORMS:
-        problems.append(("form", f"must be 'outside' or 'angular', got {form!r}"))
-    if not focal_gamma >= 0:
-        problems.append(("focal_gamma", f"must be >= 0, got {focal_gamma}"))
-    return problems
+@dataclass(frozen=True)
+class Margin:
+    """The margin of eq. 3 / eq. 6 and what it does to logits, in one place: built once from the flow's
+    `loss.*` (`flows.config.LossConfig.margin()`) and handed to a head, which keeps no margin settings of its
+    own. A new margin parameter is a field here, its formula below, and its key in `LossConfig` and the search
+    space. The defaults are no margin at all (m1 = 1, m2 = m3 = 0: a normalised softmax), not any method's
+    values; the scale S has none."""
 
+    scale: float
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    form: str = "outside"
+    focal_gamma: float = 0.0
 
-def check_margins(
-    scale: float, m1: float, m2: float, m3: float, form: str = "outside", focal_gamma: float = 0.0
-) -> None:
-    problems = margin_problems(scale, m1, m2, m3, form, focal_gamma)
-    if problems:
-        name, problem = problems[0]
-        raise ValueError(f"{name}: {problem}")
+    def __post_init__(self) -> None:
+        """Refuses the first out-of-range setting as `<field>: <what is wrong>` (the config prefixes `loss.`)."""
+        checks = (
+            (self.scale > 0, "scale", f"must be > 0, got {self.scale}"),
+            (self.m1 > 0, "m1", f"must be > 0, got {self.m1}"),
+            (0 <= self.m2 < math.pi / 2, "m2", f"must be in [0, pi/2), got {self.m2}"),
+            (0 <= self.m3 < 1, "m3", f"must be in [0, 1), got {self.m3}"),
+            (self.form in MARGIN_FORMS, "form", f"must be 'outside' or 'angular', got {self.form!r}"),
+            (self.focal_gamma >= 0, "focal_gamma", f"must be >= 0, got {self.focal_gamma}"),
+        )
+        for ok, name, problem in checks:
+            if not ok:
+                raise ValueError(f"{name}: {problem}")
 
+    @property
+    def theta_threshold(self) -> float:
+        """The angle past which the target's cosine argument would pass pi (the monotonic fallback's start)."""
+        return math.pi - self.m2 if self.form == "outside" else (math.pi - self.m2) / self.m1
 
-def margin_target(
-    cos_y: torch.Tensor, m1: float, m2: float, m3: float, form: str = "outside"
-) -> torch.Tensor:
-    """target(theta_y) for the true-class cosines `cos_y` (any shape), with the monotonic fallback."""
-    cos_y = cos_y.clamp(-1 + COS_CLAMP_EPS, 1 - COS_CLAMP_EPS)
-    theta = torch.acos(cos_y)
-    if form == "outside":
-        theta_th = math.pi - m2
-        margined = m1 * torch.cos(theta + m2) - m3
-        fallback = m1 * (cos_y - math.cos(theta_th) - 1) - m3
-    elif form == "angular":
-        theta_th = (math.pi - m2) / m1
-        margined = torch.cos(m1 * theta + m2) - m3
-        fallback = cos_y - math.cos(theta_th) - 1 - m3
-    else:
-        raise ValueError(f"form must be one of {MARGIN_FORMS}, got form={form!r}")
-    if theta_th >= math.pi:  # the argument never passes pi on [0, pi]
-        return margined
-    return torch.where(theta > theta_th, fallback, margined)
+    def target(self, cos_y: torch.Tensor) -> torch.Tensor:
+        """target(theta_y) for the true-class cosines `cos_y` (any shape), with the monotonic fallback."""
+        m1, m2, m3 = self.m1, self.m2, self.m3
+        cos_y = cos_y.clamp(-1 + COS_CLAMP_EPS, 1 - COS_CLAMP_EPS)
+        theta, theta_th = torch.acos(cos_y), self.theta_threshold
+        if self.form == "outside":
+            margined = m1 * torch.cos(theta + m2) - m3
+            fallback = m1 * (cos_y - math.cos(theta_th) - 1) - m3
+        else:
+            margined = torch.cos(m1 * theta + m2) - m3
+            fallback = cos_y - math.cos(theta_th) - 1 - m3
+        if theta_th >= math.pi:  # the argument never passes pi on [0, pi]
+            return margined
+        return torch.where(theta > theta_th, fallback, margined)
+
+    def logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Unscaled logits: cos with the true-class entry of each row replaced by target(theta_y).
+
+        cos (B, C), labels (B,) int in [0, C); a label of -1 means "no true class in this row" (used by
+        the sharded head) and leaves the row unchanged. Computed in float32 (float64 if cos is float64)
+        so half/bfloat16 inputs do not lose the clamp. Other entries are cos unchanged (unclamped).
+        """
+        if cos.dim() != 2 or labels.shape != cos.shape[:1]:
+            raise ValueError(
+                f"expected cos (B, C) and labels (B,), got {tuple(cos.shape)} and {tuple(labels.shape)}"
+            )
+        if labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < -1 or high >= cos.shape[1]:
+                raise ValueError(f"labels must be in [0, {cos.shape[1]}) (or -1), got min={low} max={high}")
+        work = cos if cos.dtype == torch.float64 else cos.float()
+        has_target = labels >= 0
+        index = labels.clamp(min=0).long().unsqueeze(1)
+        cos_y = work.gather(1, index)
+        target = torch.where(has_target.unsqueeze(1), self.target(cos_y), cos_y)
+        return work.scatter(1, index, target)
+
+    def scaled(self, logits: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        """s_i * S * logits (eq. 6); S * logits without a quality (eq. 3)."""
+        if quality is not None and quality.numel() != logits.shape[0]:
+            raise ValueError(
+                f"quality must have one value per sample (B={logits.shape[0]}), got shape {tuple(quality.shape)}"
+            )
+        factor = self.scale if quality is None else self.scale * quality.to(logits.dtype).reshape(-1, 1)
+        return logits * factor
+
+    def focal(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """Per-sample CE weighted by (1 - p_true)^gamma (unchanged at gamma 0)."""
+        if self.focal_gamma > 0:
+            return (1 - torch.exp(-per_sample)).pow(self.focal_gamma) * per_sample
+        return per_sample
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
+        """Mean CE of the scaled `logits` (from `self.logits`), focal-weighted."""
+        per_sample = F.cross_entropy(self.scaled(logits, quality), labels, reduction="none")
+        return self.focal(per_sample).mean()
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -105,54 +147,8 @@ def cosine_to_centres(unit_embeddings: torch.Tensor, weight: torch.Tensor) -> to
     return F.linear(unit_embeddings, weight) * inverse_norm
 
 
-def combined_margin_logits(
-    cos: torch.Tensor, labels: torch.Tensor, m1: float, m2: float, m3: float, form: str = "outside"
-) -> torch.Tensor:
-    """Unscaled logits: cos with the true-class entry of each row replaced by target(theta_y).
-
-    cos (B, C), labels (B,) int in [0, C); a label of -1 means "no true class in this row" (used by
-    the sharded head) and leaves the row unchanged. Computed in float32 (float64 if cos is float64)
-    so half/bfloat16 inputs do not lose the clamp. Other entries are cos unchanged (unclamped).
-    """
-    if cos.dim() != 2 or labels.shape != cos.shape[:1]:
-        raise ValueError(
-            f"expected cos (B, C) and labels (B,), got {tuple(cos.shape)} and {tuple(labels.shape)}"
-        )
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < -1 or high >= cos.shape[1]:
-            raise ValueError(f"labels must be in [0, {cos.shape[1]}) (or -1), got min={low} max={high}")
-    work = cos if cos.dtype == torch.float64 else cos.float()
-    has_target = labels >= 0
-    index = labels.clamp(min=0).long().unsqueeze(1)
-    cos_y = work.gather(1, index)
-    target = margin_target(cos_y, m1, m2, m3, form)
-    target = torch.where(has_target.unsqueeze(1), target, cos_y)
-    return work.scatter(1, index, target)
-
-
-def quality_scaled_cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    scale: float,
-    quality: torch.Tensor | None,
-    focal_gamma: float = 0.0,
-) -> torch.Tensor:
-    """Mean CE of quality[:, None] * scale * logits, optionally focal-weighted by (1-p)^gamma."""
-    if quality is not None and quality.numel() != logits.shape[0]:
-        raise ValueError(
-            f"quality must have one value per sample (B={logits.shape[0]}), got shape {tuple(quality.shape)}"
-        )
-    factor = scale if quality is None else scale * quality.to(logits.dtype).reshape(-1, 1)
-    per_sample = F.cross_entropy(logits * factor, labels, reduction="none")
-    if focal_gamma > 0:
-        p_true = torch.exp(-per_sample)
-        per_sample = (1 - p_true).pow(focal_gamma) * per_sample
-    return per_sample.mean()
-
-
 class MarginHead(nn.Module):
-    """Class centres + combined-margin CE. forward(emb, labels, quality=None) -> MarginOutput.
+    """Class centres + the CE of `margin`. forward(emb, labels, quality=None) -> MarginOutput.
 
     What a training loop needs beyond forward, the same for this head and the sharded one
     (models.partial_fc.ShardedMarginHead): `class_range`, `saved_by(rank)`, `rank_local_parameters()`,
@@ -162,31 +158,20 @@ class MarginHead(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        embedding_size: int = 512,
-        *,
-        scale: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        form: str = "outside",
-        focal_gamma: float = 0.0,
+        embedding_size: int,
+        margin: Margin,
     ) -> None:
         super().__init__()
-        check_margins(scale, m1, m2, m3, form, focal_gamma)
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(
                 f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
             )
         self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.scale, self.m1, self.m2, self.m3, self.form = scale, m1, m2, m3, form
-        self.focal_gamma = focal_gamma
+        self.margin = margin
         self.weight = nn.Parameter(torch.normal(0, 0.01, (num_classes, embedding_size)))
 
     def extra_repr(self) -> str:
-        return (
-            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, scale={self.scale}, "
-            f"m1={self.m1}, m2={self.m2}, m3={self.m3}, form={self.form!r}, focal_gamma={self.focal_gamma}"
-        )
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}"
 
     @property
     def class_range(self) -> tuple[int, int]:
@@ -213,6 +198,5 @@ class MarginHead(nn.Module):
         dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             cos = cosine_to_centres(normalize_rows(embeddings.to(dtype)), self.weight.to(dtype))
-            logits = combined_margin_logits(cos, labels, self.m1, self.m2, self.m3, self.form)
-            loss = quality_scaled_cross_entropy(logits, labels, self.scale, quality, self.focal_gamma)
+            loss = self.margin.cross_entropy(self.margin.logits(cos, labels), labels, quality)
         return MarginOutput(loss, cos.detach())

@@ -1,6 +1,6 @@
 """Class centres sharded over torch.distributed ranks (insightface "partial FC"), with EQFace quality.
 
-    head = ShardedMarginHead(num_classes, 512, scale=64.0, m2=0.5, sample_rate=1.0)
+    head = ShardedMarginHead(num_classes, 512, Margin(scale=64.0, m2=0.5), sample_rate=1.0)
     loss, cos = head(embeddings, labels, quality)     # same call as MarginHead
 
 Each rank holds the contiguous class range [head.class_start, head.class_end) (sizes differ by at
@@ -43,14 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models.margin import (
-    MarginHead,
-    MarginOutput,
-    check_margins,
-    combined_margin_logits,
-    cosine_to_centres,
-    normalize_rows,
-)
+from models.margin import Margin, MarginHead, MarginOutput, cosine_to_centres, normalize_rows
 from models.safe_load import UnsafeFileError, load_weights
 
 SHARD_FILE = re.compile(r"^centres_(\d+)_(\d+)\.pt$")
@@ -137,14 +130,9 @@ class ShardedMarginHead(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        embedding_size: int = 512,
+        embedding_size: int,
+        margin: Margin,
         *,
-        scale: float = 64.0,
-        m1: float = 1.0,
-        m2: float = 0.5,
-        m3: float = 0.0,
-        form: str = "outside",
-        focal_gamma: float = 0.0,
         sample_rate: float = 1.0,
         backbone_in_ddp: bool = True,
         group: dist.ProcessGroup | None = None,
@@ -152,7 +140,6 @@ class ShardedMarginHead(nn.Module):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        check_margins(scale, m1, m2, m3, form, focal_gamma)
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got sample_rate={sample_rate}")
         initialized = dist.is_available() and dist.is_initialized()
@@ -165,8 +152,7 @@ class ShardedMarginHead(nn.Module):
         if num_classes < self.world_size:
             raise ValueError(f"num_classes={num_classes} must be >= world_size={self.world_size}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.scale, self.m1, self.m2, self.m3, self.form = scale, m1, m2, m3, form
-        self.focal_gamma, self.sample_rate = focal_gamma, sample_rate
+        self.margin, self.sample_rate = margin, sample_rate
         self.backbone_in_ddp, self.group = backbone_in_ddp, group
         self.class_start, self.class_end = shard_range(num_classes, self.rank, self.world_size)
         self.num_local = self.class_end - self.class_start
@@ -176,8 +162,7 @@ class ShardedMarginHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, local=[{self.class_start}, {self.class_end}), "
-            f"embedding_size={self.embedding_size}, scale={self.scale}, m1={self.m1}, m2={self.m2}, "
-            f"m3={self.m3}, form={self.form!r}, sample_rate={self.sample_rate}, "
+            f"embedding_size={self.embedding_size}, margin={self.margin}, sample_rate={self.sample_rate}, "
             f"rank={self.rank}/{self.world_size}"
         )
 
@@ -266,12 +251,8 @@ class ShardedMarginHead(nn.Module):
             local_labels, keep = self._sample_centres(local_labels)
             weight = self.weight if keep is None else self.weight[keep]
             cos = cosine_to_centres(normalize_rows(embeddings), weight.to(dtype))
-            logits = combined_margin_logits(cos, local_labels, self.m1, self.m2, self.m3, self.form)
-            factor = self.scale if quality is None else self.scale * quality[:, None]
-            per_sample = _ShardedCrossEntropy.apply(logits * factor, local_labels, self.group)
-            if self.focal_gamma > 0:
-                per_sample = (1 - torch.exp(-per_sample)).pow(self.focal_gamma) * per_sample
-            loss = per_sample.mean()
+            logits = self.margin.scaled(self.margin.logits(cos, local_labels), quality)
+            loss = self.margin.focal(_ShardedCrossEntropy.apply(logits, local_labels, self.group)).mean()
         ids = torch.arange(self.class_start, self.class_end, device=labels.device)
         self.last_class_ids = ids if keep is None else ids[keep]
         return MarginOutput(loss, cos.detach())

@@ -9,6 +9,7 @@ import yaml
 
 from flows.config import Config, ConfigError, config_from_dict, flatten, load_config
 from flows.eqface import training_plan
+from models import Margin
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "configs" / "default.yaml"
@@ -66,6 +67,15 @@ def test_bad_config_gives_one_clear_line(overrides, message):
         load_config([DEFAULT], overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("head", ["full", "sharded"])
+def test_both_heads_take_the_configs_one_margin(head):
+    """loss.* -> LossConfig -> Margin -> the formula: the heads keep no margin settings of their own."""
+    cfg = load_config([DEFAULT], ["loss.m2=0.41", "loss.m3=0.05", "loss.scale=24", f"model.head={head}"])
+    built = cfg.model.build_head(10, cfg.loss)
+    assert built.margin == Margin(scale=24.0, m1=1.0, m2=0.41, m3=0.05, form="outside", focal_gamma=0.0)
+    assert set(vars(built)) & {"scale", "m1", "m2", "m3", "form", "focal_gamma"} == set()
 
 
 def test_bad_files(tmp_path):

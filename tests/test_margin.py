@@ -1,4 +1,4 @@
-"""Combined-margin logits and MarginHead: hand-computed values, monotonicity, gradients, robustness."""
+"""Margin (the combined-margin logits) and MarginHead: hand-computed values, monotonicity, gradients, robustness."""
 
 import math
 
@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MarginHead, combined_margin_logits, margin_target
+from models import Margin, MarginHead
+
+ARCFACE = Margin(scale=64.0, m2=0.5)  # insightface's ArcFace settings
 
 
 def one_row(cos_values, label, m1, m2, m3, form="outside"):
     cos = torch.tensor([cos_values], dtype=torch.float64)
-    return combined_margin_logits(cos, torch.tensor([label]), m1, m2, m3, form)[0]
+    return Margin(1.0, m1, m2, m3, form).logits(cos, torch.tensor([label]))[0]
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,7 @@ def test_fallback_region_angular_form():
 )
 def test_target_is_continuous_and_strictly_decreasing_in_theta(m1, m2, m3, form):
     theta = torch.linspace(1e-3, math.pi - 1e-3, 4001, dtype=torch.float64)
-    target = margin_target(torch.cos(theta), m1, m2, m3, form)
+    target = Margin(1.0, m1, m2, m3, form).target(torch.cos(theta))
     steps = target.diff()
     assert (steps < 0).all()
     # No jump: each step is bounded by the largest slope (max(m1, 1)) times the grid spacing.
@@ -73,16 +75,16 @@ def test_target_is_continuous_and_strictly_decreasing_in_theta(m1, m2, m3, form)
 
 def test_forms_agree_when_m1_is_one():
     cos = torch.rand(64, 1, dtype=torch.float64) * 2 - 1
-    outside = margin_target(cos, 1.0, 0.4, 0.2, "outside")
-    assert torch.allclose(outside, margin_target(cos, 1.0, 0.4, 0.2, "angular"))
+    outside = Margin(1.0, 1.0, 0.4, 0.2, "outside").target(cos)
+    assert torch.allclose(outside, Margin(1.0, 1.0, 0.4, 0.2, "angular").target(cos))
 
 
 def test_ignore_label_leaves_row_unchanged_and_bad_labels_raise():
     cos = torch.tensor([[0.5, 0.1], [0.3, 0.2]])
-    out = combined_margin_logits(cos, torch.tensor([-1, 1]), 1.0, 0.5, 0.0)
+    out = ARCFACE.logits(cos, torch.tensor([-1, 1]))
     assert torch.equal(out[0], cos[0])
     with pytest.raises(ValueError, match="labels must be in"):
-        combined_margin_logits(cos, torch.tensor([0, 2]), 1.0, 0.5, 0.0)
+        ARCFACE.logits(cos, torch.tensor([0, 2]))
 
 
 @pytest.mark.parametrize(("form", "m1"), [("outside", 0.9), ("angular", 2.0)])
@@ -90,7 +92,8 @@ def test_margin_logits_gradcheck(form, m1):
     torch.manual_seed(0)
     cos = (torch.rand(3, 4, dtype=torch.float64) * 1.8 - 0.9).requires_grad_()
     labels = torch.tensor([0, 3, 1])
-    assert torch.autograd.gradcheck(lambda c: combined_margin_logits(c, labels, m1, 0.3, 0.1, form), (cos,))
+    margin = Margin(1.0, m1, 0.3, 0.1, form)
+    assert torch.autograd.gradcheck(lambda c: margin.logits(c, labels), (cos,))
 
 
 def manual_loss(emb, weight, labels, quality, scale, m1, m2, m3):
@@ -103,7 +106,7 @@ def manual_loss(emb, weight, labels, quality, scale, m1, m2, m3):
 
 def test_head_loss_matches_paper_equation_6():
     torch.manual_seed(1)
-    head = MarginHead(5, 8, scale=16.0, m1=0.9, m2=0.3, m3=0.1).double()
+    head = MarginHead(5, 8, Margin(scale=16.0, m1=0.9, m2=0.3, m3=0.1)).double()
     emb, labels = torch.randn(4, 8, dtype=torch.float64), torch.tensor([0, 4, 2, 2])
     quality = torch.rand(4, dtype=torch.float64)
     out = head(emb, labels, quality)
@@ -113,18 +116,18 @@ def test_head_loss_matches_paper_equation_6():
     # quality None == quality of ones (eq. 3); quality q == scale q * S.
     ones, halves = torch.ones(4, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)
     assert head(emb, labels).loss.item() == pytest.approx(head(emb, labels, ones).loss.item())
-    half = MarginHead(5, 8, scale=8.0, m1=0.9, m2=0.3, m3=0.1).double()
+    half = MarginHead(5, 8, Margin(scale=8.0, m1=0.9, m2=0.3, m3=0.1)).double()
     half.weight.data.copy_(head.weight.data)
     assert head(emb, labels, halves).loss.item() == pytest.approx(half(emb, labels).loss.item())
 
 
 def test_focal_reweighting():
     torch.manual_seed(2)
-    head = MarginHead(6, 8, scale=10.0, focal_gamma=2.0).double()
-    plain = MarginHead(6, 8, scale=10.0).double()
+    head = MarginHead(6, 8, Margin(scale=10.0, m2=0.5, focal_gamma=2.0)).double()
+    plain = MarginHead(6, 8, Margin(scale=10.0, m2=0.5)).double()
     plain.weight.data.copy_(head.weight.data)
     emb, labels = torch.randn(5, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 5])
-    logits = combined_margin_logits(plain(emb, labels).cos, labels, 1.0, 0.5, 0.0) * 10.0
+    logits = plain.margin.logits(plain(emb, labels).cos, labels) * 10.0
     ce = F.cross_entropy(logits, labels, reduction="none")
     expected = ((1 - torch.exp(-ce)) ** 2 * ce).mean()
     assert head(emb, labels).loss.item() == pytest.approx(expected.item(), rel=1e-9)
@@ -132,7 +135,7 @@ def test_focal_reweighting():
 
 def test_head_gradcheck_wrt_embeddings_centres_and_quality():
     torch.manual_seed(3)
-    head = MarginHead(4, 5, scale=4.0, m1=0.9, m2=0.3, m3=0.1, focal_gamma=1.0).double()
+    head = MarginHead(4, 5, Margin(scale=4.0, m1=0.9, m2=0.3, m3=0.1, focal_gamma=1.0)).double()
     labels = torch.tensor([1, 3, 0])
     emb = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     quality = (torch.rand(3, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
@@ -146,7 +149,7 @@ def test_head_gradcheck_wrt_embeddings_centres_and_quality():
 
 def test_zero_vector_features_and_extreme_norms_are_finite():
     torch.manual_seed(6)
-    head = MarginHead(7, 16)
+    head = MarginHead(7, 16, ARCFACE)
     base = torch.randn(5, 16)
     emb = base.clone()
     emb[0] = 0
@@ -164,7 +167,7 @@ def test_zero_vector_features_and_extreme_norms_are_finite():
 
 def test_bf16_autocast_forward_backward_is_finite_and_float32():
     torch.manual_seed(4)
-    head = MarginHead(11, 16, m1=0.9, m2=0.5, m3=0.1)
+    head = MarginHead(11, 16, Margin(scale=64.0, m1=0.9, m2=0.5, m3=0.1))
     linear = torch.nn.Linear(8, 16)
     x, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 10])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -190,13 +193,13 @@ def test_bf16_autocast_forward_backward_is_finite_and_float32():
     ],
 )
 def test_bad_margins_raise_naming_the_value(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        MarginHead(10, 8, **kwargs)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        Margin(**{"scale": 64.0, **kwargs})
 
 
 def test_weight_init_and_quality_shape_check():
     torch.manual_seed(5)
-    head = MarginHead(1000, 64)
+    head = MarginHead(1000, 64, ARCFACE)
     assert head.weight.shape == (1000, 64)
     assert head.weight.std().item() == pytest.approx(0.01, rel=0.05)
     with pytest.raises(ValueError, match="quality"):

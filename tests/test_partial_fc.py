@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models import (
+    Margin,
     MarginHead,
     ShardedMarginHead,
     assemble_centres,
@@ -17,11 +18,7 @@ from models import (
     shard_range,
 )
 
-NUM_CLASSES, EMBEDDING, HEAD_KWARGS = (
-    11,
-    6,
-    {"scale": 8.0, "m1": 0.9, "m2": 0.4, "m3": 0.1, "focal_gamma": 1.0},
-)
+NUM_CLASSES, EMBEDDING, MARGIN = 11, 6, Margin(scale=8.0, m1=0.9, m2=0.4, m3=0.1, focal_gamma=1.0)
 RANK_ROWS = [(0, 5), (5, 8)]  # unequal per-rank batches: 5 and 3 rows
 
 
@@ -37,7 +34,7 @@ def global_inputs():
 
 def single_process_reference():
     embeddings, labels, quality, centres = global_inputs()
-    head = MarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+    head = MarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
     head.weight.data.copy_(centres)
     embeddings.requires_grad_()
     quality.requires_grad_()
@@ -61,7 +58,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         lo, hi = RANK_ROWS[rank]
         results = {}
         for backbone_in_ddp in (False, True):
-            head = ShardedMarginHead(NUM_CLASSES, EMBEDDING, backbone_in_ddp=backbone_in_ddp, **HEAD_KWARGS)
+            head = ShardedMarginHead(NUM_CLASSES, EMBEDDING, MARGIN, backbone_in_ddp=backbone_in_ddp)
             head = head.double()
             head.weight.data.copy_(centres[head.class_start : head.class_end])
             own_embeddings = embeddings[lo:hi].clone().requires_grad_()
@@ -79,19 +76,19 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.manual_seed(0)
         backbone = torch.nn.Linear(EMBEDDING, EMBEDDING).double()
         ddp = torch.nn.parallel.DistributedDataParallel(backbone)
-        head = ShardedMarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+        head = ShardedMarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
         head.weight.data.copy_(centres[head.class_start : head.class_end])
         head(ddp(embeddings[lo:hi]), labels[lo:hi], quality[lo:hi]).loss.backward()
         results["ddp_backbone_grad"] = backbone.weight.grad
         # Reshard 2 -> 1: each rank writes its shard; the parent reloads them into a MarginHead.
         save_sharded_centres(head, os.path.join(out_dir, "two_shards"))
         # Reshard 1 -> 2: the parent wrote a single shard; each rank takes its rows.
-        reloaded = ShardedMarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+        reloaded = ShardedMarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
         load_sharded_centres(reloaded, os.path.join(out_dir, "one_shard"))
         with torch.no_grad():
             results["reloaded_loss"] = reloaded(embeddings[lo:hi], labels[lo:hi], quality[lo:hi]).loss
         # Sampling r < 1 keeps every positive class of the gathered batch.
-        sampled = ShardedMarginHead(NUM_CLASSES, EMBEDDING, sample_rate=0.3, **HEAD_KWARGS).double()
+        sampled = ShardedMarginHead(NUM_CLASSES, EMBEDDING, MARGIN, sample_rate=0.3).double()
         out = sampled(embeddings[lo:hi].clone().requires_grad_(), labels[lo:hi], quality[lo:hi])
         out.loss.backward()
         results["sampled"] = {
@@ -109,7 +106,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def two_rank_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("partial_fc")
     _, _, _, centres = global_inputs()
-    single = MarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+    single = MarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
     single.weight.data.copy_(centres)
     save_sharded_centres(single, out_dir / "one_shard")
     mp.spawn(worker, args=(2, free_port(), str(out_dir)), nprocs=2, join=True)
@@ -139,7 +136,7 @@ def test_ddp_backbone_gets_the_single_process_gradient(two_rank_results):
     embeddings, labels, quality, centres = global_inputs()
     torch.manual_seed(0)
     backbone = torch.nn.Linear(EMBEDDING, EMBEDDING).double()
-    head = MarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+    head = MarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
     head.weight.data.copy_(centres)
     head(backbone(embeddings), labels, quality).loss.backward()
     for rank in ranks:
@@ -154,7 +151,7 @@ def test_resharding_two_to_one_and_one_to_two_reproduces_the_loss(two_rank_resul
         "centres_000000000_000000006.pt",
         "centres_000000006_000000011.pt",
     ]
-    merged = MarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+    merged = MarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
     load_sharded_centres(merged, out_dir / "two_shards")
     assert torch.equal(merged.weight.detach(), centres)
     assert torch.equal(assemble_centres(out_dir / "two_shards"), centres)
@@ -178,15 +175,15 @@ def test_sampling_keeps_positive_classes(two_rank_results):
 
 def test_world_of_one_equals_margin_head_and_sampling_keeps_positives():
     embeddings, labels, quality, centres = global_inputs()
-    single = MarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
-    sharded = ShardedMarginHead(NUM_CLASSES, EMBEDDING, **HEAD_KWARGS).double()
+    single = MarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
+    sharded = ShardedMarginHead(NUM_CLASSES, EMBEDDING, MARGIN).double()
     single.weight.data.copy_(centres)
     sharded.weight.data.copy_(centres)
     assert sharded(embeddings, labels, quality).loss.item() == pytest.approx(
         single(embeddings, labels, quality).loss.item(), rel=1e-12
     )
     torch.manual_seed(1)
-    big = ShardedMarginHead(1000, EMBEDDING, sample_rate=0.1)
+    big = ShardedMarginHead(1000, EMBEDDING, MARGIN, sample_rate=0.1)
     batch_labels = torch.tensor([0, 999, 500, 500, 17])
     out = big(embeddings[:5].float(), batch_labels)
     assert big.last_class_ids.numel() == 100 and out.cos.shape == (5, 100)
@@ -199,16 +196,16 @@ def test_shard_ranges_tile_the_classes_and_bad_arguments_raise(tmp_path):
     ranges = [shard_range(10, r, 3) for r in range(3)]
     assert ranges == [(0, 4), (4, 7), (7, 10)]
     with pytest.raises(ValueError, match="sample_rate"):
-        ShardedMarginHead(10, 4, sample_rate=0.0)
+        ShardedMarginHead(10, 4, MARGIN, sample_rate=0.0)
     with pytest.raises(ValueError, match="num_classes"):
-        ShardedMarginHead(2, 4, rank=0, world_size=3)
+        ShardedMarginHead(2, 4, MARGIN, rank=0, world_size=3)
     with pytest.raises(RuntimeError, match="not initialised"):
-        ShardedMarginHead(10, 4, rank=0, world_size=2)(torch.randn(2, 4), torch.tensor([0, 1]))
+        ShardedMarginHead(10, 4, MARGIN, rank=0, world_size=2)(torch.randn(2, 4), torch.tensor([0, 1]))
     with pytest.raises(FileNotFoundError, match="no centres"):
-        load_sharded_centres(MarginHead(10, 4), tmp_path)
-    save_sharded_centres(ShardedMarginHead(10, 4, rank=0, world_size=2), tmp_path)
+        load_sharded_centres(MarginHead(10, 4, MARGIN), tmp_path)
+    save_sharded_centres(ShardedMarginHead(10, 4, MARGIN, rank=0, world_size=2), tmp_path)
     with pytest.raises(ValueError, match="hold 5 classes"):
-        load_sharded_centres(MarginHead(10, 4), tmp_path)
-    save_sharded_centres(ShardedMarginHead(10, 4, rank=1, world_size=3), tmp_path)  # stale, overlapping
+        load_sharded_centres(MarginHead(10, 4, MARGIN), tmp_path)
+    save_sharded_centres(ShardedMarginHead(10, 4, MARGIN, rank=1, world_size=3), tmp_path)  # stale, overlapping
     with pytest.raises(ValueError, match="do not tile"):
         assemble_centres(tmp_path)

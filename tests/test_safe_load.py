@@ -20,7 +20,7 @@ from flows.runner import prepare_datasets
 from flows.step_model import build_net_and_head
 from flows.steps import PlannedStep
 from flows.tracking import FlowTracker
-from models import MarginHead, build_eqface_net, load_sharded_centres
+from models import Margin, MarginHead, build_eqface_net, load_sharded_centres
 from models.safe_load import UnsafeFileError, load_weights
 from tests.conftest import submit_flow
 from tests.tiny_model import tiny_model
@@ -89,7 +89,7 @@ def test_a_crafted_centre_shard_is_refused(tmp_path):
     shard = tmp_path / "centres_0_4.pt"
     torch.save({"class_start": 0, "class_end": 4, "weight": _RunsCode(marker)}, shard)
     _armed(shard, marker)
-    head = MarginHead(4, 8)
+    head = MarginHead(4, 8, Margin(scale=64.0, m2=0.5))
     with pytest.raises(UnsafeFileError) as refused:
         load_sharded_centres(head, tmp_path)
     _refused(refused, shard, marker)

@@ -95,9 +95,9 @@ def test_step3_teacher_gives_weights_and_gets_no_gradient():
 
 def test_eq6_loss_matches_a_hand_computed_example():
     """Loss of the step model's head = CE over s_i*S*(m1*cos(theta_y+m2)-m3) and s_i*S*cos(theta_j)."""
-    from models import MarginHead
+    from models import Margin, MarginHead
 
-    head = MarginHead(3, 2, scale=10.0, m1=0.9, m2=0.3, m3=0.1)
+    head = MarginHead(3, 2, Margin(scale=10.0, m1=0.9, m2=0.3, m3=0.1))
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
     angle = 0.4  # feature at 0.4 rad from class 0's centre
