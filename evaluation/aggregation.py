@@ -96,16 +96,24 @@ class OnlineAggregator:
         return None if self._sum is None else l2_normalize(self._sum)
 
     def update(self, embedding: Any, quality: float) -> bool:
-        """Feed one frame; returns whether the template is ready."""
+        """Feed one frame (used when its quality reaches s_th); returns whether the template is ready."""
+        if quality >= self.s_th:
+            return self.add(embedding, quality)
+        _check_set(np.reshape(as_numpy(embedding, "embedding"), (1, -1)), [quality], name=f"frame {self.frames_seen}")
+        self.frames_seen += 1
+        return self.ready
+
+    def add(self, embedding: Any, quality: float) -> bool:
+        """Add one frame whatever its quality: a frame already judged usable (a journal's replay, whose s_th
+        may differ from this one's). Returns whether the template is ready."""
         emb, q = _check_set(
             np.reshape(as_numpy(embedding, "embedding"), (1, -1)), [quality], name=f"frame {self.frames_seen}"
         )
         self.frames_seen += 1
-        if q[0] >= self.s_th:
-            contribution = q[0] * l2_normalize(emb[0])
-            self._sum = contribution if self._sum is None else self._sum + contribution
-            self.frames_used += 1
-            self.accumulated_quality += float(q[0])
+        contribution = q[0] * l2_normalize(emb[0])
+        self._sum = contribution if self._sum is None else self._sum + contribution
+        self.frames_used += 1
+        self.accumulated_quality += float(q[0])
         return self.ready
 
 
@@ -124,10 +132,13 @@ def _gallery(gallery: Any, gallery_ids: Sequence[Any]) -> np.ndarray:
     return l2_normalize(g)
 
 
-def _identify(template: np.ndarray, gallery_unit: np.ndarray, gallery_ids: Sequence[Any], threshold: float):
+def identify(template: np.ndarray, gallery_unit: np.ndarray, gallery_ids: Sequence[Any], threshold: float
+             ) -> tuple[Any | None, float]:
+    """(nearest gallery id, or None unless its cosine is above `threshold`; that cosine). Strictly above, as
+    every threshold of evaluation/verification.py (`score > t`); the service's gallery calls this too."""
     scores = gallery_unit @ template
     best = int(np.argmax(scores))
-    return (gallery_ids[best] if scores[best] >= threshold else None), float(scores[best])
+    return (gallery_ids[best] if scores[best] > threshold else None), float(scores[best])
 
 
 def match_stream(
@@ -151,7 +162,7 @@ def match_stream(
     template = agg.template
     if template is None:
         return StreamDecision(None, float("nan"), agg.frames_seen, False)
-    identity, score = _identify(template, gallery_unit, gallery_ids, threshold)
+    identity, score = identify(template, gallery_unit, gallery_ids, threshold)
     return StreamDecision(identity, score, agg.frames_seen, agg.ready)
 
 
@@ -215,7 +226,7 @@ def compare_online_vs_window(
     for length in lengths:
         correct = [
             _correct(
-                _identify(
+                identify(
                     aggregate(e[:length], q[:length], window_method, s_th),
                     gallery_unit,
                     gallery_ids,

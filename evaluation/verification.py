@@ -192,6 +192,26 @@ def tar_at_far(
     return tars, thresholds, notes
 
 
+def tar_at_nearest_far(scores: np.ndarray, is_same: np.ndarray, fars: Sequence[float] = DEFAULT_FARS
+                       ) -> dict[float, float]:
+    """TAR at the ROC point whose FAR is nearest each target: insightface's IJB convention (its 1:1 evaluation
+    script: sklearn's ROC with collinear points dropped, read backwards so that of two equally near points the
+    one with the larger FAR wins), so that a figure compares like for like with published tables. Unlike
+    `tar_at_far` (FAR <= target), the point may lie above the target, and a number comes out even where too
+    few impostor pairs exist to measure that FAR."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], is_same[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
+    tps = np.cumsum(y)[last_of_run]
+    fps = last_of_run + 1 - tps
+    if tps.size > 2:  # drop the points where neither count changes its step: they lie on a straight segment
+        corner = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        tps, fps = tps[corner], fps[corner]
+    fpr = (np.r_[0, fps] / max(int(fps[-1]), 1))[::-1]
+    tpr = (np.r_[0, tps] / max(int(tps[-1]), 1))[::-1]
+    return {far: float(tpr[np.argmin(np.abs(fpr - far))]) for far in fars}
+
+
 def roc_curve(scores: np.ndarray, is_same: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds) with one point per distinct score, starting at (0, 0) for threshold +inf."""
     order = np.argsort(-scores, kind="mergesort")

@@ -50,7 +50,7 @@ from data.pipeline import to_rgb
 from evaluation.align import align_face
 from evaluation.plots import plot_roc
 from evaluation.protocols import Face, Problems, ProtocolError, ijb, ytf
-from evaluation.verification import embed_images, roc_curve, tar_at_far, verify_scores
+from evaluation.verification import embed_images, roc_curve, tar_at_far, tar_at_nearest_far, verify_scores
 from flows.runner import check_ray_address
 
 PROTOCOLS = ("ijbb", "ijbc", "ytf")
@@ -330,11 +330,15 @@ def thin_roc(scores: np.ndarray, labels: np.ndarray, points: int = ROC_POINTS) -
 
 def tar_table(scores: Mapping[str, np.ndarray], labels: np.ndarray, fars: Sequence[float] = PROTOCOL_FARS
               ) -> tuple[dict[str, float], list[str]]:
-    """{'tar_far1e-4_qwfa': TAR, ...} (NaN where there are too few impostor pairs) and notes."""
+    """{'tar_far1e-4_qwfa': TAR at FAR <= 1e-4 (NaN where there are too few impostor pairs),
+    'insightface_tar_far1e-4_qwfa': TAR at the ROC point nearest FAR 1e-4 (insightface's tables), ...} and notes."""
     metrics, notes = {}, []
     for name, s in scores.items():
-        tars, _, why = tar_at_far(np.asarray(s, np.float64), labels, fars)
+        s = np.asarray(s, np.float64)
+        tars, _, why = tar_at_far(s, labels, fars)
+        nearest = tar_at_nearest_far(s, labels, fars)
         metrics.update({f"tar_far{far_key(far)}_{name}": tars[far] for far in fars})
+        metrics.update({f"insightface_tar_far{far_key(far)}_{name}": nearest[far] for far in fars})
         notes += [n for n in why if n not in notes]
     return metrics, notes
 
@@ -400,11 +404,13 @@ def format_table(protocol: str, metrics: Mapping[str, Any]) -> str:
         lines += [f"| {m} | {_cell(metrics[f'ytf_acc_{m}'])} ± {_cell(metrics[f'ytf_std_{m}'])} | "
                   f"{_cell(metrics[f'tar_far1e-2_{m}'])} |" for m in ytf.METHODS]
         return "\n".join(lines)
-    head = " | ".join(f"TAR@FAR={far_key(f)}" for f in PROTOCOL_FARS)
-    lines = [f"| weighting | {head} |", "|---" * (len(PROTOCOL_FARS) + 1) + "|"]
+    # Ours (FAR <= target) beside insightface's (the ROC point nearest the target), FAR by FAR.
+    head = " | ".join(f"TAR@FAR<={far_key(f)} | insightface {far_key(f)}" for f in PROTOCOL_FARS)
+    lines = [f"| weighting | {head} |", "|---" * (2 * len(PROTOCOL_FARS) + 1) + "|"]
     for w in ijb.WEIGHTINGS:
-        lines.append(f"| {w} | " + " | ".join(_cell(metrics[f"tar_far{far_key(f)}_{w}"]) for f in PROTOCOL_FARS)
-                     + " |")
+        cells = [_cell(metrics[f"{kind}tar_far{far_key(f)}_{w}"])
+                 for f in PROTOCOL_FARS for kind in ("", "insightface_")]
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -119,9 +119,17 @@ class State:
         self._need_gallery(f"stream {name!r}")
         return self.streams.open(name)
 
+    def check_frame(self, name: str, seq: int, digest: str) -> dict[str, Any] | None:
+        """The recorded answer of a resent frame, None for the next one, a 404/409 otherwise: before any gallery or
+        model check, so a resend gets its first answer whatever changed since."""
+        return self.streams.check_frame(name, seq, digest)
+
     def push(self, name: str, seq: int, ts: float | None, digest: str, embedding: np.ndarray, quality: float,
              model: str) -> dict[str, Any]:
         what = f"stream {name!r}: seq {seq}"
+        repeat = self.streams.check_frame(name, seq, digest)
+        if repeat is not None:  # a resend that raced its first copy past the ingress's check
+            return repeat
         self._need_gallery(what)
         self.gallery.check_model(model, what)
         return self.streams.push(name, seq, ts, digest, embedding, quality, model,
@@ -204,6 +212,7 @@ class Api:
     def __init__(self, model: DeploymentHandle, state: DeploymentHandle, settings: dict[str, Any]) -> None:
         self.cfg = ServiceConfig.from_args(settings)
         self.model, self.state = model, state
+        self.frames_to_model = 0  # stream frames this replica sent to the model (a resend is not one)
         self.token = Path(self.cfg.api_token_file).expanduser().read_text().strip() if self.cfg.api_token_file \
             else None
         self._image_size: int | None = None
@@ -280,7 +289,7 @@ class Api:
         self._authorise(request)
         model = await self._call(self.model.info, what="model")
         state = await self._call(self.state.stats, what="state")
-        return {"model": model, "state": state}
+        return {"model": model, "state": state, "api": {"frames_to_model": self.frames_to_model}}
 
     @api.get("/gallery")
     async def list_gallery(self, request: Request) -> dict[str, Any]:
@@ -348,9 +357,15 @@ class Api:
         seq, ts = _seq_and_ts(stream, request)
         what = f"stream {stream!r}: seq {seq}"
         data = await _read_body(request, self.cfg.max_frame_bytes, what)
-        pixels = await self._decode(data, what)
-        embedding, quality, model = await self._embed(pixels, what)
         digest = hashlib.sha256(data).hexdigest()
+        # A resend is answered from the journal without decoding or running the model; a frame out of order is
+        # refused before that work too.
+        repeat = await self._call(self.state.check_frame, stream, seq, digest, what=what)
+        if repeat is not None:
+            return repeat
+        pixels = await self._decode(data, what)
+        self.frames_to_model += 1
+        embedding, quality, model = await self._embed(pixels, what)
         return await self._call(self.state.push, stream, seq, ts, digest, embedding, quality, model, what=what)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from data import storage
-from evaluation.aggregation import aggregate
+from evaluation.aggregation import aggregate, identify
 from evaluation.verification import l2_normalize
 from serve.errors import ServiceError
 
@@ -112,9 +112,7 @@ class Gallery:
         return [ident.summary(name) for name, ident in sorted(self.identities.items())]
 
     def identify(self, template: np.ndarray, threshold: float) -> tuple[str | None, float]:
-        """(best identity or None under the threshold, its cosine similarity)."""
+        """(best identity, or None unless its cosine is above the threshold; that cosine): evaluation's rule."""
         identities = self.identities
         names = list(identities)
-        scores = np.stack([identities[n].template for n in names]) @ l2_normalize(template)
-        best = int(np.argmax(scores))
-        return (names[best] if scores[best] >= threshold else None), float(scores[best])
+        return identify(l2_normalize(template), np.stack([identities[n].template for n in names]), names, threshold)

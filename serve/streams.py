@@ -7,7 +7,9 @@ gets the answer it got the first time and is not counted again; any other seq is
 names the stream and the seq it expects.
 
 The journal (<state_dir>/streams.jsonl) gets one line per change, appended before the answer leaves: open,
-frame (with the frame's quality, its embedding if used, and the decision it led to), close. A line is a
+frame (with the frame's quality, whether it was used, its embedding if so, the decision it led to, and the
+s_th and after_decision in force, so a replay under changed settings rebuilds exactly what was answered),
+close. A line is a
 single write() on an O_APPEND file, so a killed process leaves whole lines (a torn last line is dropped on
 replay: its frame was never answered, so the retry counts it). A new StreamBook replays the journal and
 rewrites it as one snapshot line per open stream (closed streams are dropped).
@@ -189,9 +191,11 @@ class StreamBook:
 
     def check_frame(self, name: str, seq: int, digest: str) -> dict[str, Any] | None:
         """The recorded answer when (name, seq) is a repeat of the last counted frame; None when seq is the next
-        one; a 404/409 ServiceError otherwise. Lets the ingress refuse a frame before running the model."""
+        one; a 404/409 ServiceError otherwise. Lets the ingress answer or refuse a frame before running the model."""
         with self._lock:
-            return self._check(self._get(name), seq, digest)
+            repeat = self._check(self._get(name), seq, digest)
+            self.duplicates += repeat is not None
+            return repeat
 
     def _check(self, stream: Stream, seq: int, digest: str) -> dict[str, Any] | None:
         if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
@@ -225,13 +229,13 @@ class StreamBook:
             decision = None
             if used:
                 probe = copy.deepcopy(stream.agg)
-                if probe.update(embedding, quality):
+                if probe.add(embedding, quality):
                     # This frame completes a template: decide on it before anything is written.
                     identity, score = identify(probe.template)
                     decision = {"status": IDENTIFIED if identity is not None else UNKNOWN, "identity": identity,
                                 "score": score, "seq": seq, "ts": ts, "frames": probe.frames_seen}
             rec = {"op": "frame", "stream": name, "seq": seq, "ts": ts, "digest": digest, "quality": float(quality),
-                   "used": used, "model": model,
+                   "used": used, "model": model, "s_th": self.s_th, "after_decision": self.after_decision,
                    "embedding": np.asarray(embedding, dtype=float).tolist() if used else None, "decision": decision}
             self._append(rec)
             self._count(stream, rec, np.asarray(embedding, dtype=np.float32) if used else None, recorded=decision)
@@ -245,15 +249,16 @@ class StreamBook:
         stream.last_quality, stream.last_used = rec["quality"], rec["used"]
         stream.model = rec["model"]
         stream.frames_seen += 1
-        if rec["used"]:
-            stream.agg.update(embedding, rec["quality"])
+        if rec["used"]:  # as recorded, not re-judged under today's s_th
+            stream.agg.add(embedding, rec["quality"])
             stream.frames_used += 1
         else:
             stream.agg.frames_seen += 1
         if recorded is not None:
             stream.decision = recorded
             stream.decisions += 1
-            if self.after_decision == "continue":
+            # The rule in force when the frame was answered (journals written before it was recorded: today's).
+            if rec.get("after_decision", self.after_decision) == "continue":
                 stream.agg.reset()
 
     def stats(self) -> dict[str, Any]:

@@ -4,9 +4,12 @@ from the real faces, template aggregation and TAR@FAR against hand computations,
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
+from evaluation.aggregation import aggregate
 from evaluation.align import ARCFACE_TEMPLATE, align_face, similarity_transform, warp_affine
 from evaluation.protocols import Problems, ProtocolError, ijb, ytf
+from evaluation.verification import tar_at_far, tar_at_nearest_far
 from flows import protocol_eval
 from tests.protocol_sets import FACES, apply, rotation_about, write_ijb, write_ytf
 
@@ -98,6 +101,20 @@ def test_template_features_against_a_hand_computation():
                                unit((f[0] + 3 * f[1]) / 2 + f[2]), atol=1e-6)
 
 
+def test_a_template_whose_every_weight_is_zero_falls_back_to_the_mean_as_aggregate_does():
+    f = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, -0.6]])
+    templates, medias = np.array([7, 7, 7, 9]), np.array([1, 1, 2, 3])
+    q = np.array([0.0, 0.0, 0.0, 0.2])  # template 7: quality underflow on every face
+    ids, feats = ijb.template_features(templates, medias, f, q)
+    _, plain = ijb.template_features(templates, medias, f, np.ones(4))
+    np.testing.assert_allclose(feats[0], plain[0], atol=1e-6)  # not a zero vector
+    np.testing.assert_allclose(feats[1], f[3], atol=1e-6)  # a template with weight keeps its weighting
+    # The same faces through aggregate (one medium each, so the within-medium mean does not enter).
+    single = np.arange(3)
+    np.testing.assert_allclose(ijb.template_features(np.zeros(3, int), single, f[:3], q[:3])[1][0],
+                               aggregate(f[:3], q[:3], "qwfa"), atol=1e-6)
+
+
 def test_tar_at_far_table_against_a_hand_computation():
     genuine = np.array([0.95, 0.9, 0.72, 0.3])
     impostor = np.array([0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.2, 0.1, 0.05, 0.0])
@@ -108,6 +125,38 @@ def test_tar_at_far_table_against_a_hand_computation():
     assert metrics["tar_far1e-1_qwfa"] == pytest.approx(0.75)
     assert np.isnan(metrics["tar_far1e-2_qwfa"]) and "needs >= 100" in notes[0]
     assert protocol_eval.far_key(1e-4) == "1e-4" and protocol_eval.far_key(1e-6) == "1e-6"
+    # insightface's column: the ROC point nearest the target. FAR 0.1 lies on the ROC (t = 0.7): the same 0.75;
+    # FAR 0.01 is nearest the (0, 0.5) point (t = 0.8, no impostor above it): 2 of 4, where ours says n/a.
+    assert metrics["insightface_tar_far1e-1_qwfa"] == pytest.approx(0.75)
+    assert metrics["insightface_tar_far1e-2_qwfa"] == pytest.approx(0.5)
+    table = protocol_eval.format_table("ijbc", {f"{kind}tar_far{protocol_eval.far_key(f)}_{w}": 0.5
+                                                for f in protocol_eval.PROTOCOL_FARS for w in ijb.WEIGHTINGS
+                                                for kind in ("", "insightface_")})
+    assert table.splitlines()[0].startswith("| weighting | TAR@FAR<=1e-6 | insightface 1e-6 | TAR@FAR<=1e-5 |")
+
+
+def _insightface_tar(scores, labels, far):
+    """insightface's IJB 1:1 script, step for step: sklearn's ROC, flipped, the first nearest point."""
+    fpr, tpr, _ = sklearn_roc_curve(labels, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    _, index = min(zip(abs(fpr - far), range(len(fpr)), strict=True))
+    return tpr[index]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_nearest_point_tar_equals_insightfaces_own_computation(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    labels = rng.random(n) < 0.1
+    # Rounded scores: many ties and collinear runs, where sklearn's dropped points matter.
+    scores = np.round(np.where(labels, rng.normal(0.6, 0.15, n), rng.normal(0.2, 0.15, n)), 2)
+    fars = (1e-4, 1e-3, 3e-3, 1e-2, 1e-1, 0.5)
+    ours = tar_at_nearest_far(scores, labels, fars)
+    for far in fars:
+        assert ours[far] == _insightface_tar(scores, labels, far), far
+    # Where the nearest ROC point lies above the target FAR the two conventions differ.
+    strict, _, _ = tar_at_far(scores, labels, fars)
+    assert any(ours[f] > strict[f] for f in fars if np.isfinite(strict[f]))
 
 
 def test_pair_scores_are_the_cosine_of_the_template_features(sets, tmp_path):

@@ -213,8 +213,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_stream_stays_usable(service, api):
         assert refused.value.status == status and text in refused.value.message, refused.value
     first = api.push("bad", 0, frame)
     assert first["frames_seen"] == 1 and not first["duplicate"]
-    again = api.push("bad", 0, frame)  # a resend: answered again, not counted again
+    sent = api.health()["api"]["frames_to_model"]  # one Api replica: every push goes through it
+    again = api.push("bad", 0, frame)  # a resend: answered from the journal, not counted, the model not run
     assert again["duplicate"] and again["frames_seen"] == 1 and again["quality"] == first["quality"]
+    assert api.health()["api"]["frames_to_model"] == sent
     for seq, status, text in ((0, 409, "already counted with another frame"), (5, 409, "skips ahead")):
         with pytest.raises(ServiceRefused) as refused:
             api.push("bad", seq, photos("yaleB02")[1].read_bytes())

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from evaluation.aggregation import aggregate, match_stream
+from evaluation.aggregation import aggregate, identify, match_stream
 from infra.stack import Stack
+from serve.app import State
 from serve.config import ServiceConfig, ServiceConfigError
 from serve.deploy import DeployError, app_runtime_env, load_config
 from serve.errors import ServiceError
@@ -177,6 +178,59 @@ def test_a_new_book_carries_on_every_open_stream_from_the_journal(tmp_path):
     (tmp_path / JOURNAL_FILE).write_text('garbage\n{"op": "open"}\n')
     with pytest.raises(ValueError, match="line 1: not a journal record"):
         StreamBook(str(tmp_path), 0.5, 1.5)
+
+
+def test_a_replay_under_changed_settings_rebuilds_what_was_answered(tmp_path):
+    """The journal holds the s_th and after_decision each frame was answered under: a State restarted with other
+    settings carries on every stream exactly where it was, then applies its own settings to new frames."""
+    rng = np.random.default_rng(3)
+    frames = stream_frames(rng, 14)
+    identify = lambda t: ("a", 0.9)  # noqa: E731
+    live = StreamBook(str(tmp_path), 0.5, 1.5, "continue")
+    live.open("cam")
+    answers = [live.push("cam", s, None, f"d{s}", e, q, "m", identify) for s, (e, q) in enumerate(frames)]
+    assert answers[-1]["decisions"] >= 2 and any(0.5 <= q < 0.9 for _, q in frames)
+    records = [json.loads(x) for x in (tmp_path / JOURNAL_FILE).read_text().splitlines()]
+    assert {(r["s_th"], r["after_decision"]) for r in records if r["op"] == "frame"} == {(0.5, "continue")}
+    restarted = StreamBook(str(tmp_path), 0.9, 3.0, "stop")  # another s_th, decide_at and rule
+    assert restarted.status("cam") == live.status("cam")
+    np.testing.assert_array_equal(restarted.streams["cam"].agg._sum, live.streams["cam"].agg._sum)
+    # New frames follow the new settings: s_th 0.9 drops a frame of quality 0.7 that the old one used.
+    nxt = restarted.push("cam", 14, None, "d14", frames[0][0], 0.7, "m", identify)
+    assert not nxt["used"] and nxt["frames_seen"] == 15
+
+
+def _state(tmp_path):
+    settings = {"model": "unused-by-State", "gallery": str(tmp_path / "gallery"), "state_dir": str(tmp_path / "state"),
+                "s_th": 0.5, "decide_at": 1.5}
+    return State.func_or_class(settings)  # the replica's own class, outside Serve
+
+
+def test_a_resend_is_answered_from_the_journal_before_the_gallery_and_model_checks(tmp_path):
+    rng = np.random.default_rng(4)
+    state = _state(tmp_path)
+    state.enrol("alice", np.stack([unit(rng)]), np.array([0.9]), "model-a")
+    state.open("cam")
+    embedding = unit(rng)
+    first = state.push("cam", 0, None, "d0", embedding, 0.8, "model-a")
+    state.remove("alice")  # the gallery changes (empty now) after the frame was answered
+    assert state.check_frame("cam", 0, "d0") == {**first, "duplicate": True}
+    assert state.push("cam", 0, None, "d0", embedding, 0.8, "model-b") == {**first, "duplicate": True}
+    assert state.stats()["duplicates"] == 2 and state.status("cam")["frames_seen"] == 1
+    assert state.check_frame("cam", 1, "d1") is None  # the next frame: the ingress runs the model
+    with pytest.raises(ServiceError, match="gallery is empty") as refused:
+        state.push("cam", 1, None, "d1", embedding, 0.8, "model-a")
+    assert refused.value.status == 409
+
+
+def test_the_identify_threshold_is_strict_as_in_evaluation(tmp_path):
+    gallery = Gallery.load(str(tmp_path))
+    gallery.enrol("alice", np.array([[1.0, 0.0]]), np.array([1.0]), "m")
+    probe = np.array([0.6, 0.8])  # cosine 0.6 to alice, exactly
+    for threshold in (0.6, 0.5999):
+        expected = identify(probe, np.array([[1.0, 0.0]]), ["alice"], threshold)
+        assert gallery.identify(probe, threshold) == pytest.approx(expected)
+    assert gallery.identify(probe, 0.6)[0] is None and gallery.identify(probe, 0.5999)[0] == "alice"
 
 
 @pytest.mark.integration

@@ -198,8 +198,14 @@ def template_features(templates: np.ndarray, medias: np.ndarray, unit: np.ndarra
     ids, t_index = np.unique(t, return_inverse=True)
     _, media_index, media_sizes = np.unique(np.stack([t, m], axis=1), axis=0, return_inverse=True,
                                             return_counts=True)
-    coef = np.asarray(weights, np.float64)[rows] / media_sizes[media_index.reshape(-1)]
-    combine = sparse.csr_matrix((coef, (t_index.reshape(-1), rows)), shape=(ids.size, templates.size))
+    weight = np.asarray(weights, np.float64)[rows]
+    t_index = t_index.reshape(-1)
+    # A template whose every weight is 0 (quality underflow) falls back to the plain mean, as `aggregate`
+    # does: without it the template would be a zero vector and every pair with it would score 0.
+    weightless = np.bincount(t_index, weights=weight, minlength=ids.size) <= 0
+    weight = np.where(weightless[t_index], 1.0, weight)
+    coef = weight / media_sizes[media_index.reshape(-1)]
+    combine = sparse.csr_matrix((coef, (t_index, rows)), shape=(ids.size, templates.size))
     return ids, l2_normalize(np.asarray(combine @ unit, np.float64)).astype(np.float32)
 
 
