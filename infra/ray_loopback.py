@@ -19,15 +19,15 @@ What Ray 2.60 does (its code, and `tests/test_local_stack_security.py` on this m
 - `ray start --head` always starts the Ray Client server (port 10001 by default) when grpcio is installed, and
   refuses --ray-client-server-port=0. This launcher starts it only when a --ray-client-server-port is given.
 
-Both adjustments touch `ray.scripts.scripts` (the CLI module) only; tests/test_local_stack_security.py fails
-if a Ray upgrade moves what they rely on.
+Both adjustments touch `ray.scripts.scripts` (the CLI module) only, through infra/ray_private.py (the one
+module of private Ray APIs: it refuses to start a node, naming the attribute, if a Ray upgrade moved one);
+tests/test_ray_private.py pins them and tests/test_local_stack_security.py checks the sockets they give.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import types
 from pathlib import Path
 
 # Ray reads it when ray is first imported: in the environment of every Ray process of the stack.
@@ -42,22 +42,12 @@ def ray_start_command(*args: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     os.environ.update(LOOPBACK_ENV)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path: the repository root imports
     # Imported only now, after the setting above (Ray reads it at import), and only here: the stack's own
-    # process never imports Ray.
-    import ray._private.ray_constants as ray_constants
-    from ray.scripts import scripts
+    # process, which imports this file for LOOPBACK_ENV, never imports Ray.
+    from infra.ray_private import ray_start_on_loopback
 
-    # The CLI's own view of the constants: joining a node is allowed; everything else reads the real ones.
-    cli_constants = types.ModuleType(ray_constants.__name__)
-    cli_constants.__dict__.update(vars(ray_constants))
-    cli_constants.ENABLE_RAY_CLUSTER = True
-    scripts.ray_constants = cli_constants
-    if not any(arg.startswith(CLIENT_PORT_FLAG) for arg in argv):
-        # `ray start` starts the client server when this finds grpcio; Ray's own check of an explicit port is
-        # elsewhere and unchanged.
-        scripts.get_ray_client_dependency_error = lambda: ImportError("Ray Client server off (infra.stack)")
-    sys.argv = ["ray", *argv]
-    return scripts.main()
+    return ray_start_on_loopback(argv, client_server=any(arg.startswith(CLIENT_PORT_FLAG) for arg in argv))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
-"""The few private Ray APIs the project uses, in one place: each has no public equivalent in Ray 2.60.
+"""The private Ray APIs the project uses, all of them, in one place: each has no public equivalent in Ray 2.60.
 
-tests/test_ray_private.py imports every one of them, so a Ray upgrade that moves or renames one fails
-loudly there, not silently in a flow (the callers treat them as hints and carry on without them).
+tests/test_ray_private.py pins every one of them, so a Ray upgrade that moves or renames one fails there by
+name. At run time an attribute that is gone raises RayPrivateApiError naming it, never a silent no-op: the
+credential filter of the margin search and the loopback launcher of the stack's nodes would otherwise stop
+protecting anything without a word.
 """
 
 from __future__ import annotations
 
+import sys
+import types
+
+import ray
+import ray._private.ray_constants as ray_constants
 from ray._private.runtime_env.packaging import create_package
 from ray._private.services import find_gcs_addresses
 from ray._private.state import state as _global_state
@@ -14,8 +21,20 @@ from ray.tune.execution import class_cache
 
 # Used as they are (by tests/test_cluster_config.py): `ray up`'s own config check and fill-in, and the
 # package `ray job submit --working-dir` uploads.
-__all__ = ["create_package", "gcs_addresses_on_this_host", "max_resources_from_cluster_config", "prepare_config",
-           "serve_client_start", "stop_tune_propagating", "tune_propagated_env_vars", "validate_config"]
+__all__ = ["RayPrivateApiError", "create_package", "gcs_addresses_on_this_host", "max_resources_from_cluster_config",
+           "prepare_config", "ray_start_on_loopback", "serve_client_start", "stop_tune_propagating",
+           "tune_propagated_env_vars", "validate_config"]
+
+
+class RayPrivateApiError(RuntimeError):
+    """A private Ray API the project relies on is gone: re-read it for this Ray version."""
+
+
+def _require(owner: types.ModuleType, *names: str) -> None:
+    missing = [name for name in names if not hasattr(owner, name)]
+    if missing:
+        raise RayPrivateApiError(f"Ray {ray.__version__}: {owner.__name__} has no {', '.join(missing)} any more; "
+                                 "infra/ray_private.py was written against Ray 2.60 and must be re-read")
 
 
 def gcs_addresses_on_this_host() -> list[str]:
@@ -37,16 +56,44 @@ def serve_client_start(schema):
 
 def max_resources_from_cluster_config() -> dict[str, float] | None:
     """What an autoscaler may grow the cluster to (Ray Train's own check reads the same); None without one."""
+    if not hasattr(_global_state, "get_max_resources_from_cluster_config"):
+        raise RayPrivateApiError(f"Ray {ray.__version__}: ray._private.state.state has no "
+                                 "get_max_resources_from_cluster_config any more; re-read infra/ray_private.py")
     return _global_state.get_max_resources_from_cluster_config()
 
 
 def stop_tune_propagating(names: frozenset[str]) -> None:
     """Ray Tune copies some of the driver's environment variables into every trial actor's runtime env (which
     Ray's runtime env agent logs in clear); drop `names` from that list."""
-    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if propagated is not None:
-        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - names
+    _require(class_cache, "ENV_VARS_TO_PROPAGATE")
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - names
 
 
 def tune_propagated_env_vars() -> set[str]:
+    _require(class_cache, "ENV_VARS_TO_PROPAGATE")
     return set(class_cache.ENV_VARS_TO_PROPAGATE)
+
+
+def ray_start_on_loopback(argv: list[str], client_server: bool) -> int:
+    """`ray start ARGV` with the two adjustments infra/ray_loopback.py explains: its CLI (alone) may join a node
+    while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every address on 127.0.0.1, and the Ray Client server starts
+    only when `client_server`. The caller puts that setting in the environment before Ray is first imported.
+    (`ray.scripts.scripts`, the CLI, is imported here: it takes a second and only this launcher needs it.)"""
+    from ray.scripts import scripts
+
+    _require(scripts, "ray_constants", "get_ray_client_dependency_error", "main")
+    _require(ray_constants, "ENABLE_RAY_CLUSTER")
+    if scripts.ray_constants is not ray_constants:
+        raise RayPrivateApiError(f"Ray {ray.__version__}: ray.scripts.scripts no longer reads its constants from "
+                                 "ray._private.ray_constants; re-read infra/ray_private.py")
+    # The CLI's own view of the constants: joining a node is allowed; everything else reads the real ones.
+    cli_constants = types.ModuleType(ray_constants.__name__)
+    cli_constants.__dict__.update(vars(ray_constants))
+    cli_constants.ENABLE_RAY_CLUSTER = True
+    scripts.ray_constants = cli_constants
+    if not client_server:
+        # `ray start` starts the client server when this finds grpcio; Ray's own check of an explicit port is
+        # elsewhere and unchanged.
+        scripts.get_ray_client_dependency_error = lambda: ImportError("Ray Client server off (infra.stack)")
+    sys.argv = ["ray", *argv]
+    return scripts.main()

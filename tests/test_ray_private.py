@@ -37,6 +37,29 @@ def test_tune_no_longer_propagates_what_we_drop():
         ray_private.class_cache.ENV_VARS_TO_PROPAGATE = before
 
 
+def test_the_loopback_launchers_private_apis_are_where_it_patches_them():
+    """infra/ray_loopback.py's adjustments (through ray_private.ray_start_on_loopback) patch these names."""
+    from ray._private import ray_constants
+    from ray.scripts import scripts
+
+    assert scripts.ray_constants is ray_constants and isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    assert callable(scripts.get_ray_client_dependency_error) and callable(scripts.main)
+    assert "get_ray_client_dependency_error" in inspect.getsource(scripts.start.callback)  # `ray start` asks it
+
+
+def test_a_private_api_that_is_gone_is_said_by_name_never_a_silent_no_op(monkeypatch):
+    monkeypatch.delattr(ray_private.class_cache, "ENV_VARS_TO_PROPAGATE")
+    with pytest.raises(ray_private.RayPrivateApiError, match="class_cache has no ENV_VARS_TO_PROPAGATE any more"):
+        ray_private.stop_tune_propagating(frozenset({"AWS_SECRET_ACCESS_KEY"}))
+    from ray.scripts import scripts
+
+    monkeypatch.delattr(scripts, "get_ray_client_dependency_error")
+    constants = scripts.ray_constants
+    with pytest.raises(ray_private.RayPrivateApiError, match="scripts has no get_ray_client_dependency_error"):
+        ray_private.ray_start_on_loopback(["start", "--head"], client_server=False)
+    assert scripts.ray_constants is constants  # refused before anything was patched
+
+
 @pytest.mark.integration
 def test_the_gcs_addresses_on_this_host_include_a_running_head(stack):
     ray_head = stack.services["ray"].info
